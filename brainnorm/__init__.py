@@ -1,0 +1,30 @@
+"""brainnorm: normalization layers for brainstate.
+
+Layers are ``brainstate.nn.Module`` subclasses built on the pure functions of
+:mod:`brainnorm.functional`, which share one statistics core.
+"""
+
+from . import functional
+from ._batch_norm import BatchNorm0d, BatchNorm1d, BatchNorm2d, BatchNorm3d
+from ._group_norm import GroupNorm, InstanceNorm
+from ._layer_norm import LayerNorm, RMSNorm
+from ._local_response_norm import LocalResponseNorm
+from ._states import NormalizationParamState
+from .functional import weight_standardization
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "NormalizationParamState",
+    "BatchNorm0d",
+    "BatchNorm1d",
+    "BatchNorm2d",
+    "BatchNorm3d",
+    "LayerNorm",
+    "RMSNorm",
+    "GroupNorm",
+    "InstanceNorm",
+    "LocalResponseNorm",
+    "weight_standardization",
+    "functional",
+]

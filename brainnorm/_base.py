@@ -1,0 +1,149 @@
+"""What every brainnorm layer shares: in_size, axes, parameters, modes, inputs."""
+
+from __future__ import annotations
+
+import math
+
+import brainstate
+import jax
+import jax.numpy as jnp
+
+from . import _units
+from ._states import NormalizationParamState
+from ._validation import canonical_axes, canonical_in_size, check_mask, check_trailing_shape
+
+__all__: list[str] = []
+
+
+def _resolve_init(owner, option, init, shape, dtype):
+    """Materialize an initializer (callable or array) as an array of ``shape``."""
+    if callable(init):
+        value = init(shape)
+    else:
+        value = init
+    value_m, unit = _units.split(value)
+    value_m = jnp.asarray(value_m)
+    if value_m.shape != tuple(shape):
+        if value_m.size == math.prod(shape):
+            value_m = value_m.reshape(shape)
+        elif value_m.ndim == 0:
+            value_m = jnp.broadcast_to(value_m, shape)
+        else:
+            raise ValueError(
+                f"{owner}: {option} must give an array of shape {tuple(shape)} (or of the same "
+                f"size), got shape {value_m.shape}."
+            )
+    return _units.attach(value_m.astype(dtype), unit)
+
+
+def _check_state_type(owner, option, state_type, *, trainable):
+    if not (isinstance(state_type, type) and issubclass(state_type, brainstate.State)):
+        raise TypeError(f"{owner}: {option} must be a brainstate.State subclass, got {state_type!r}.")
+    if not trainable and issubclass(state_type, brainstate.ParamState):
+        raise TypeError(
+            f"{owner}: {option} must not be a ParamState subclass (running statistics are not "
+            f"trained), got {state_type.__name__}."
+        )
+    return state_type
+
+
+class _Normalization(brainstate.nn.Module):
+    """Base of every layer: ``in_size`` handling, axis mapping, input checks.
+
+    Axes given to a layer are counted within ``in_size``; ``_x_axes`` maps
+    them onto an input with any number of leading batch axes.
+    """
+
+    def __init__(self, in_size, *, name=None):
+        super().__init__(name=name)
+        self.in_size = canonical_in_size(type(self).__name__, in_size)
+        self.out_size = self.in_size
+
+    @property
+    def _owner(self) -> str:
+        return type(self).__name__
+
+    def _sample_axes(self, option, axes):
+        return canonical_axes(self._owner, option, axes, len(self.in_size))
+
+    def _feature_shape(self, feature_axes):
+        return tuple(d if i in feature_axes else 1 for i, d in enumerate(self.in_size))
+
+    def _x_axes(self, axes, ndim):
+        offset = ndim - len(self.in_size)
+        return tuple(offset + a for a in axes)
+
+    def _prepare_input(self, x, mask):
+        """``(mantissa, unit, mask, number of batch axes)`` after validation."""
+        x_m, unit = _units.split(x)
+        x_m = jnp.asarray(x_m)
+        n_batch = check_trailing_shape(self._owner, x_m.shape, self.in_size)
+        mask = check_mask(self._owner, mask, x_m.shape)
+        return x_m, unit, mask, n_batch
+
+    def _affine_state(self, feature_shape, *, use_scale, use_bias, scale_init, bias_init, param_dtype, param_type):
+        """A ``param_type`` holding ``{'scale', 'bias'}`` as requested (None if neither)."""
+        _check_state_type(self._owner, "param_type", param_type, trainable=True)
+        dtype = brainstate.environ.dftype() if param_dtype is None else param_dtype
+        values = {}
+        if use_scale:
+            values["scale"] = _resolve_init(self._owner, "scale_init", scale_init, feature_shape, dtype)
+        if use_bias:
+            values["bias"] = _resolve_init(self._owner, "bias_init", bias_init, feature_shape, dtype)
+        return param_type(values) if values else None
+
+
+def _affine_values(state):
+    """``(scale, bias)`` from a parameter state (None where absent)."""
+    if state is None:
+        return None, None
+    value = state.value
+    return value.get("scale"), value.get("bias")
+
+
+def _pick(owner, primary_name, primary, alias_name, alias, default):
+    """Resolve two spellings of one option (brainstate's and flax's)."""
+    if primary is not None and alias is not None:
+        raise TypeError(f"{owner}: give only one of {primary_name} and {alias_name}.")
+    if primary is not None:
+        return primary
+    if alias is not None:
+        return alias
+    return default
+
+
+class _RunningStatistics:
+    """Mixin for layers with running statistics: mode resolution and momentum."""
+
+    def _is_training(self, use_running_average):
+        """Call argument, then constructor, then ``environ['fit']``, then training."""
+        if use_running_average is None:
+            use_running_average = self.use_running_average
+        if use_running_average is None:
+            fit = brainstate.environ.get("fit", None)
+            return True if fit is None else bool(fit)
+        return not use_running_average
+
+    def _init_running_stats(self, feature_shape, mean_type, param_dtype):
+        _check_state_type(self._owner, "mean_type", mean_type, trainable=False)
+        dtype = brainstate.environ.dftype() if param_dtype is None else param_dtype
+        self.running_mean = mean_type(jnp.zeros(feature_shape, dtype))
+        self.running_var = mean_type(jnp.ones(feature_shape, dtype))
+        self.num_batches_tracked = mean_type(jnp.zeros((), jnp.int32))
+
+    def _effective_momentum(self):
+        """Momentum of this step: ``1 - 1/(n+1)`` for the cumulative average (None)."""
+        if self.momentum is not None:
+            return self.momentum
+        steps = self.num_batches_tracked.value + 1
+        return 1.0 - 1.0 / steps.astype(jnp.float32)
+
+    def _check_units(self, unit):
+        """Running statistics are plain arrays: refuse inputs with units instead of dropping them."""
+        stats_unit = _units.split(self.running_mean.value)[1]
+        if unit != stats_unit and (unit is None or stats_unit is None):
+            raise TypeError(
+                f"{self._owner}: input has unit {unit} but the running statistics have unit "
+                f"{stats_unit}; create the layer with matching units."
+            )
+        return stats_unit

@@ -1,0 +1,50 @@
+"""State types of brainnorm layers.
+
+Trainable scale and bias live in :class:`NormalizationParamState` (a
+``brainstate.ParamState``), so ``model.states(brainstate.ParamState)`` is
+exactly what an optimizer trains. Running statistics (means, variances,
+counters, power-iteration vectors) live in ``brainstate.ShortTermState``.
+"""
+
+from __future__ import annotations
+
+import brainstate
+
+__all__ = ["NormalizationParamState"]
+
+
+class NormalizationParamState(brainstate.ParamState):
+    r"""Trainable affine parameters of a normalization layer.
+
+    Its value is a dict with the entries ``'scale'`` and/or ``'bias'``.
+    :meth:`execute` applies them, for eligibility-trace tools that call it.
+
+    .. math:: \mathrm{execute}(x) = x \cdot \mathrm{scale} + \mathrm{bias}
+
+    Examples
+    --------
+    >>> import jax.numpy as jnp
+    >>> from brainnorm import NormalizationParamState
+    >>> state = NormalizationParamState({'scale': jnp.array([2.0]), 'bias': jnp.array([1.0])})
+    >>> state.execute(jnp.array([3.0])).tolist()
+    [7.0]
+    """
+
+    def execute(self, x):
+        """Return ``x * scale + bias`` for the entries present.
+
+        Parameters
+        ----------
+        x : array_like
+            Normalized input.
+
+        Returns
+        -------
+        Array
+        """
+        params = self.value
+        if "scale" in params:
+            x = x * params["scale"]
+        if "bias" in params:
+            x = x + params["bias"]
+        return x

@@ -1,0 +1,78 @@
+"""Physical units at the boundary of the statistics core.
+
+The core works on plain arrays. Functions and layers split a
+:class:`brainunit.Quantity` into mantissa and unit on the way in and attach
+units on the way out: statistics carry the input's unit (variance its square),
+the normalized value is dimensionless, and scale/bias may give it a unit.
+"""
+
+from __future__ import annotations
+
+import brainunit as u
+import jax.numpy as jnp
+
+__all__: list[str] = []
+
+
+def split(value):
+    """``(mantissa, unit)``; unit is None for plain arrays and unitless Quantities."""
+    if isinstance(value, u.Quantity):
+        unit = value.unit
+        return value.mantissa, (None if unit.is_unitless else unit)
+    return value, None
+
+
+def attach(array, unit):
+    """Wrap ``array`` in ``unit`` (no-op for None)."""
+    return array if unit is None else u.Quantity(array, unit=unit)
+
+
+def in_unit(owner: str, option: str, value, unit):
+    """Mantissa of ``value`` expressed in ``unit`` (None: must be unitless)."""
+    if isinstance(value, u.Quantity):
+        if unit is None:
+            if value.unit.is_unitless:
+                return value.mantissa
+            raise u.UnitMismatchError(
+                f"{owner}: {option} has unit {value.unit} but a dimensionless value was expected."
+            )
+        if not u.have_same_dim(value, unit):
+            raise u.UnitMismatchError(
+                f"{owner}: {option} has unit {value.unit}, which is not convertible to {unit}."
+            )
+        return value.to_decimal(unit)
+    if unit is not None and option != "epsilon":
+        raise u.UnitMismatchError(
+            f"{owner}: {option} is a plain number but a Quantity in {unit} was expected."
+        )
+    return value
+
+
+def affine_units(owner: str, scale, bias):
+    """Mantissas of scale and bias and the unit of the affine output.
+
+    The output unit is that of ``scale`` (or of ``bias`` when there is no
+    scale); ``bias`` is converted to it.
+    """
+    scale_m, scale_unit = split(scale) if scale is not None else (None, None)
+    if bias is None:
+        return scale_m, None, scale_unit
+    bias_unit = split(bias)[1]
+    out_unit = scale_unit if scale is not None else bias_unit
+    bias_m = in_unit(owner, "bias", bias, out_unit) if (out_unit or bias_unit) else split(bias)[0]
+    return scale_m, bias_m, out_unit
+
+
+def epsilon_value(owner: str, epsilon, unit):
+    """Mantissa of ``epsilon`` in the squared statistics unit.
+
+    A plain number is read in that unit already (the input's squared unit).
+    """
+    if isinstance(epsilon, u.Quantity):
+        return in_unit(owner, "epsilon", epsilon, None if unit is None else unit**2)
+    return epsilon
+
+
+def as_array(x):
+    """Plain ``jnp`` array of the mantissa of ``x``."""
+    return jnp.asarray(split(x)[0])
