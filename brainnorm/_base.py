@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import brainstate
+import brainunit as u
 import jax
 import jax.numpy as jnp
 
@@ -124,11 +125,14 @@ class _RunningStatistics:
             return True if fit is None else bool(fit)
         return not use_running_average
 
-    def _init_running_stats(self, feature_shape, mean_type, param_dtype):
+    def _init_running_stats(self, feature_shape, mean_type, param_dtype, unit=None):
         _check_state_type(self._owner, "mean_type", mean_type, trainable=False)
         dtype = brainstate.environ.dftype() if param_dtype is None else param_dtype
-        self.running_mean = mean_type(jnp.zeros(feature_shape, dtype))
-        self.running_var = mean_type(jnp.ones(feature_shape, dtype))
+        if unit is not None and not isinstance(unit, u.Unit):
+            raise TypeError(f"{self._owner}: unit must be a brainunit Unit (e.g. brainunit.mV), got {unit!r}.")
+        unit = None if unit is None or unit.is_unitless else unit
+        self.running_mean = mean_type(_units.attach(jnp.zeros(feature_shape, dtype), unit))
+        self.running_var = mean_type(_units.attach(jnp.ones(feature_shape, dtype), None if unit is None else unit**2))
         self.num_batches_tracked = mean_type(jnp.zeros((), jnp.int32))
 
     def _effective_momentum(self):
@@ -138,12 +142,31 @@ class _RunningStatistics:
         steps = self.num_batches_tracked.value + 1
         return 1.0 - 1.0 / steps.astype(jnp.float32)
 
-    def _check_units(self, unit):
-        """Running statistics are plain arrays: refuse inputs with units instead of dropping them."""
+    def _stats_unit(self, x_m, unit):
+        """The unit of the running statistics for this call.
+
+        Settled statistics (a Quantity) accept only inputs of a convertible
+        unit. Plain statistics adopt the input's unit on the first eager call
+        with units; under a trace that is impossible (a state cannot change its
+        tree structure there), so it raises with the fix.
+        """
         stats_unit = _units.split(self.running_mean.value)[1]
-        if unit != stats_unit and (unit is None or stats_unit is None):
-            raise TypeError(
-                f"{self._owner}: input has unit {unit} but the running statistics have unit "
-                f"{stats_unit}; create the layer with matching units."
+        if stats_unit is not None:
+            if unit is None:
+                raise _units.UnitError(
+                    f"{self._owner}: the running statistics are in {stats_unit} but the input has no "
+                    f"unit; pass a Quantity in a unit convertible to {stats_unit}."
+                )
+            if not u.have_same_dim(unit, stats_unit):
+                raise _units.UnitError(
+                    f"{self._owner}: input unit {unit} is not convertible to the unit {stats_unit} of "
+                    f"the running statistics."
+                )
+            return stats_unit
+        if unit is not None and isinstance(x_m, jax.core.Tracer):
+            raise _units.UnitError(
+                f"{self._owner}: input in {unit} reached a layer whose running statistics have no unit "
+                f"yet, inside a traced function (jit/vmap/grad/for_loop), where a state cannot take a "
+                f"unit. Construct the layer with unit={unit} (or call it once outside the transform)."
             )
-        return stats_unit
+        return unit

@@ -41,6 +41,7 @@ class _BatchNorm(_RunningStatistics, _Normalization):
         param_dtype=None,
         param_type=NormalizationParamState,
         mean_type=brainstate.ShortTermState,
+        unit=None,
     ):
         super().__init__(in_size, name=name)
         owner = self._owner
@@ -74,7 +75,7 @@ class _BatchNorm(_RunningStatistics, _Normalization):
             bias_init=self.bias_init, param_dtype=param_dtype, param_type=param_type,
         )
         if self.track_running_stats:
-            self._init_running_stats(feature_shape, mean_type, param_dtype)
+            self._init_running_stats(feature_shape, mean_type, param_dtype, unit)
         else:
             self.running_mean = self.running_var = self.num_batches_tracked = None
 
@@ -106,7 +107,7 @@ class _BatchNorm(_RunningStatistics, _Normalization):
             y, _ = F._normalize_over(self._owner, x_m, axes, scale=scale, bias=bias, unit=unit,
                                      use_fast_variance=self.use_fast_variance, **options)
             return y
-        stats_unit = self._check_units(unit)
+        stats_unit = self._stats_unit(x_m, unit)
         y, new_mean, new_var = F._batch_norm(
             self._owner, x_m, unit, self.running_mean.value, self.running_var.value, scale, bias, axes,
             training=training, momentum=self._effective_momentum(),
@@ -176,13 +177,20 @@ _BATCH_NORM_DOC = r"""{rank} batch normalization (Ioffe and Szegedy, 2015).
     mean_type : type
         State class of the running statistics (a ``ShortTermState`` by
         default; must not be a ``ParamState``).
+    unit : brainunit.Unit, optional
+        Unit of the running mean (the variance gets its square), for layers
+        that first see Quantities inside ``jit``. Without it, the first eager
+        training call with a Quantity input sets the unit.
     name : str, optional
 
     Attributes
     ----------
     weight : NormalizationParamState or None
     running_mean, running_var : brainstate.ShortTermState
-        Shape of ``in_size`` with 1 at non-feature axes.
+        Shape of ``in_size`` with 1 at non-feature axes; Quantities once the
+        layer has a unit (input in a compatible unit is converted to it, so
+        the same data in V and mV normalize identically; an incompatible or
+        missing unit raises and writes nothing).
     num_batches_tracked : brainstate.ShortTermState
         Number of training steps taken.
 

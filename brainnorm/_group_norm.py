@@ -194,6 +194,8 @@ class InstanceNorm(_RunningStatistics, _Normalization):
         (instance statistics themselves are per sample).
     dtype, param_dtype : dtype, optional
     param_type, mean_type : type
+    unit : brainunit.Unit, optional
+        Unit of the running mean (as for :class:`BatchNorm1d`).
     name : str, optional
 
     References
@@ -232,6 +234,7 @@ class InstanceNorm(_RunningStatistics, _Normalization):
         param_dtype=None,
         param_type=NormalizationParamState,
         mean_type=brainstate.ShortTermState,
+        unit=None,
         name=None,
     ):
         super().__init__(in_size, name=name)
@@ -265,7 +268,7 @@ class InstanceNorm(_RunningStatistics, _Normalization):
             bias_init=self.bias_init, param_dtype=param_dtype, param_type=param_type,
         )
         if self.track_running_stats:
-            self._init_running_stats(feature_shape, mean_type, param_dtype)
+            self._init_running_stats(feature_shape, mean_type, param_dtype, unit)
         else:
             self.running_mean = self.running_var = self.num_batches_tracked = None
 
@@ -288,7 +291,10 @@ class InstanceNorm(_RunningStatistics, _Normalization):
         scale, bias = _affine_values(self.weight)
         training = self._is_training(use_running_average)
         if self.track_running_stats:
-            stats_unit = self._check_units(unit)
+            stats_unit = self._stats_unit(x_m, unit)
+            if unit != stats_unit:  # statistics live in the layer's unit
+                x_m = jnp.asarray(_units.in_unit(self._owner, "x", _units.attach(x_m, unit), stats_unit))
+                unit = stats_unit
             if not training:
                 y, _, _ = F._batch_norm(
                     self._owner, x_m, unit, self.running_mean.value, self.running_var.value, scale, bias, axes,
@@ -300,10 +306,10 @@ class InstanceNorm(_RunningStatistics, _Normalization):
             use_fast_variance=self.use_fast_variance, dtype=self.dtype, unit=unit,
         )
         if self.track_running_stats:
-            self._track(stats, x_m.shape, axes, n_batch)
+            self._track(stats, x_m.shape, axes, n_batch, unit)
         return y
 
-    def _track(self, stats, x_shape, axes, n_batch):
+    def _track(self, stats, x_shape, axes, n_batch, unit):
         """Running update with the batch average of the instance statistics."""
         import math
 
@@ -326,6 +332,6 @@ class InstanceNorm(_RunningStatistics, _Normalization):
             jnp.reshape(mean_sum / safe, stat_shape), jnp.reshape(var_sum / safe, stat_shape),
             jnp.reshape(instances, stat_shape), self._effective_momentum(), False, masked=True,
         )
-        self.running_mean.value = new_mean
-        self.running_var.value = new_var
+        self.running_mean.value = _units.attach(new_mean, unit)
+        self.running_var.value = _units.attach(new_var, None if unit is None else unit**2)
         self.num_batches_tracked.value = self.num_batches_tracked.value + 1

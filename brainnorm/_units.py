@@ -14,6 +14,11 @@ import jax.numpy as jnp
 __all__: list[str] = []
 
 
+class UnitError(u.UnitMismatchError, TypeError, ValueError):
+    """A unit that does not fit: brainunit's ``UnitMismatchError``, catchable as
+    ``TypeError`` or ``ValueError`` too."""
+
+
 def split(value):
     """``(mantissa, unit)``; unit is None for plain arrays and unitless Quantities."""
     if isinstance(value, u.Quantity):
@@ -33,16 +38,16 @@ def in_unit(owner: str, option: str, value, unit):
         if unit is None:
             if value.unit.is_unitless:
                 return value.mantissa
-            raise u.UnitMismatchError(
+            raise UnitError(
                 f"{owner}: {option} has unit {value.unit} but a dimensionless value was expected."
             )
         if not u.have_same_dim(value, unit):
-            raise u.UnitMismatchError(
+            raise UnitError(
                 f"{owner}: {option} has unit {value.unit}, which is not convertible to {unit}."
             )
         return value.to_decimal(unit)
     if unit is not None and option != "epsilon":
-        raise u.UnitMismatchError(
+        raise UnitError(
             f"{owner}: {option} is a plain number but a Quantity in {unit} was expected."
         )
     return value
