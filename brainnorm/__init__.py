@@ -10,6 +10,7 @@ from ._group_norm import GroupNorm, InstanceNorm
 from ._layer_norm import LayerNorm, RMSNorm
 from ._local_response_norm import LocalResponseNorm
 from ._states import NormalizationParamState
+from ._weight_norm import SpectralNorm, WeightNorm
 from .functional import weight_standardization
 
 __version__ = "0.1.0"
@@ -25,6 +26,8 @@ __all__ = [
     "GroupNorm",
     "InstanceNorm",
     "LocalResponseNorm",
+    "WeightNorm",
+    "SpectralNorm",
     "weight_standardization",
     "functional",
 ]

@@ -1,0 +1,270 @@
+"""Weight reparametrizations that wrap a layer: WeightNorm and SpectralNorm.
+
+Both compute a weight from their own states at every call and run the wrapped
+layer with it. The wrapped layer's weight state is swapped for the call and
+restored afterwards, so its stored value is never overwritten (flax's
+WeightNorm writes the normalized kernel into the wrapped module).
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+
+import brainstate
+import jax
+import jax.numpy as jnp
+
+from ._base import _RunningStatistics
+from ._validation import canonical_axes, check_epsilon, check_positive_int
+
+__all__ = ["WeightNorm", "SpectralNorm"]
+
+
+def _find_weight(owner, layer, weight_name):
+    """``(attribute, key)`` locating the wrapped weight state.
+
+    brainstate layers keep ``{'weight': w, 'bias': b}`` in one ParamState named
+    ``weight``; a layer may also hold the array directly in a ParamState
+    attribute called ``weight_name`` (then ``key`` is None).
+    """
+    if not isinstance(layer, brainstate.nn.Module):
+        raise TypeError(f"{owner}: layer must be a brainstate.nn.Module, got {type(layer).__name__}.")
+    for attr in ("weight", weight_name):
+        state = getattr(layer, attr, None)
+        if isinstance(state, brainstate.ParamState):
+            value = state.value
+            if isinstance(value, dict) and weight_name in value:
+                return attr, weight_name
+            if attr == weight_name and not isinstance(value, dict):
+                return attr, None
+    raise ValueError(
+        f"{owner}: layer {type(layer).__name__} has no ParamState holding {weight_name!r} "
+        f"(expected layer.weight.value[{weight_name!r}] or a ParamState attribute {weight_name!r})."
+    )
+
+
+class _WeightWrapper(brainstate.nn.Module):
+    """Runs ``layer`` with a weight computed by :meth:`_weight`."""
+
+    def __init__(self, layer, weight_name, name=None):
+        super().__init__(name=name)
+        self._owner = type(self).__name__
+        self.layer = layer
+        self.weight_name = weight_name
+        # Keep the attribute name, not the state: the state stays reachable only
+        # through ``self.layer``, under its own path.
+        self._attr, self._key = _find_weight(self._owner, layer, weight_name)
+        self.in_size = getattr(layer, "in_size", None)
+        self.out_size = getattr(layer, "out_size", None)
+
+    @property
+    def _state(self):
+        return getattr(self.layer, self._attr)
+
+    def _stored_weight(self):
+        value = self._state.value
+        return value if self._key is None else value[self._key]
+
+    @contextmanager
+    def _weight_in_layer(self, weight):
+        original = self._state.value
+        if self._key is None:
+            self._state.value = weight
+        else:
+            self._state.value = {**original, self._key: weight}
+        try:
+            yield
+        finally:
+            self._state.value = original
+
+    def _weight(self, use_running_average):
+        raise NotImplementedError
+
+    def normalized_weight(self):
+        """The weight the wrapped layer computes with, without updating any state.
+
+        Returns
+        -------
+        Array
+            Same shape as the wrapped weight.
+        """
+        return self._weight(True)
+
+    def update(self, *args, use_running_average=None, **kwargs):
+        """Call the wrapped layer with the reparametrized weight.
+
+        Parameters
+        ----------
+        *args, **kwargs
+            Passed to the wrapped layer.
+        use_running_average : bool, optional
+            SpectralNorm only: True skips the power iteration (evaluation).
+
+        Returns
+        -------
+        The wrapped layer's output.
+        """
+        weight = self._weight(use_running_average)
+        with self._weight_in_layer(weight):
+            return self.layer(*args, **kwargs)
+
+
+class WeightNorm(_WeightWrapper):
+    r"""Weight normalization (Salimans and Kingma, 2016).
+
+    .. math:: w = g \, \frac{v}{\lVert v \rVert}
+
+    with the norm over every axis of the weight but the output ``axis``. ``g``
+    starts at :math:`\lVert v \rVert` and ``v`` at the wrapped weight, so the
+    wrapped layer computes the same function at construction (PyTorch and
+    equinox; flax starts ``g`` at 1). ``g`` and ``v`` are trainable
+    ``ParamState``\ s; the wrapped layer's stored weight is left as it was and
+    its gradient is zero, while its other entries (the bias) stay trainable.
+
+    Parameters
+    ----------
+    layer : brainstate.nn.Module
+        A layer whose weight lives in a ParamState: ``brainstate.nn.Linear``
+        (weight ``(in, out)``), ``Conv1d/2d/3d`` (kernel ``(*k, in, out)``), ...
+    weight_name : str
+        Entry of ``layer.weight.value`` (or ParamState attribute) to reparametrize.
+    axis : int
+        Output axis of the weight, kept by the norm (brainstate's layout: -1,
+        the counterpart of PyTorch's ``dim=0``).
+    epsilon : float
+        Lower bound of the norm (guards a zero ``v``).
+    name : str, optional
+
+    Attributes
+    ----------
+    g : brainstate.ParamState
+        Magnitude, shape of the weight with 1 on every non-output axis.
+    v : brainstate.ParamState
+        Direction, shape of the weight.
+
+    References
+    ----------
+    Salimans, Kingma. Weight Normalization: A Simple Reparameterization to
+    Accelerate Training of Deep Neural Networks. NeurIPS 2016.
+
+    Examples
+    --------
+    >>> import brainstate, jax.numpy as jnp, brainnorm
+    >>> linear = brainstate.nn.Linear(3, 2)
+    >>> x = jnp.ones((4, 3))
+    >>> wn = brainnorm.WeightNorm(linear)
+    >>> bool(jnp.allclose(wn(x), linear(x), atol=1e-6))
+    True
+    """
+
+    def __init__(self, layer, *, weight_name="weight", axis=-1, epsilon=1e-12, name=None):
+        super().__init__(layer, weight_name, name=name)
+        weight = jnp.asarray(self._stored_weight())
+        self.axis = canonical_axes(self._owner, "axis", axis, weight.ndim)
+        self.epsilon = check_epsilon(self._owner, epsilon)
+        self._norm_axes = tuple(a for a in range(weight.ndim) if a not in self.axis)
+        self.v = brainstate.ParamState(weight)
+        self.g = brainstate.ParamState(self._norm(weight))
+
+    def _norm(self, v):
+        return jnp.sqrt(jnp.sum(jnp.square(v), axis=self._norm_axes, keepdims=True))
+
+    def _weight(self, use_running_average):
+        v = self.v.value
+        return self.g.value * v / jnp.maximum(self._norm(v), self.epsilon)
+
+
+class SpectralNorm(_RunningStatistics, _WeightWrapper):
+    r"""Spectral normalization (Miyato et al., 2018).
+
+    .. math:: w = \frac{W}{\sigma(W)}, \qquad \sigma(W) \approx u^\top W v
+
+    with :math:`u, v` from power iteration on the matrix view of the weight:
+    the output ``axis`` moved first and the remaining axes flattened, so a
+    brainstate conv kernel ``(*k, in, out)`` becomes ``(out, prod(k) * in)``
+    (PyTorch flattens ``(out, in, *k)``; the order of the columns does not
+    change :math:`\sigma`). As in PyTorch, ``u`` and ``v`` start from normal
+    draws refined by 15 iterations at construction; each training call runs
+    ``n_steps`` more (without gradient through them) and stores them in
+    ``ShortTermState``\ s; evaluation uses the stored vectors and leaves them
+    untouched. The mode follows the BatchNorm rules (``use_running_average=``,
+    constructor, ``environ['fit']``, training). :math:`\sigma` is bounded
+    below by ``epsilon``, so an all-zero weight stays finite.
+
+    Parameters
+    ----------
+    layer : brainstate.nn.Module
+        Layer whose weight lives in a ParamState (``Linear``, ``Conv1d/2d/3d``).
+    weight_name : str
+    n_steps : int
+        Power iterations per training call.
+    epsilon : float
+        Guards the normalization of ``u``, ``v`` and :math:`\sigma`.
+    axis : int
+        Output axis of the weight (rows of the matrix view).
+    use_running_average : bool, optional
+        Fixed mode (True: evaluation).
+    name : str, optional
+
+    Attributes
+    ----------
+    u, v : brainstate.ShortTermState
+        Power-iteration vectors, shapes ``(out,)`` and ``(weight.size // out,)``.
+
+    References
+    ----------
+    Miyato, Kataoka, Koyama, Yoshida. Spectral Normalization for Generative
+    Adversarial Networks. ICLR 2018.
+
+    Examples
+    --------
+    >>> import brainstate, jax.numpy as jnp, brainnorm
+    >>> sn = brainnorm.SpectralNorm(brainstate.nn.Linear(4, 3), n_steps=5)
+    >>> with brainstate.environ.context(fit=True):
+    ...     y = sn(jnp.ones((2, 4)))
+    >>> w = sn.normalized_weight()
+    >>> round(float(jnp.linalg.svd(w, compute_uv=False)[0]), 3)
+    1.0
+    """
+
+    def __init__(self, layer, *, weight_name="weight", n_steps=1, epsilon=1e-12, axis=-1,
+                 use_running_average=None, name=None):
+        super().__init__(layer, weight_name, name=name)
+        weight = jnp.asarray(self._stored_weight())
+        if weight.ndim < 2:
+            raise ValueError(f"{self._owner}: the weight must have at least 2 axes, got shape {weight.shape}.")
+        self.axis = canonical_axes(self._owner, "axis", axis, weight.ndim)[0]
+        self.n_steps = check_positive_int(self._owner, "n_steps", n_steps)
+        self.epsilon = check_epsilon(self._owner, epsilon)
+        self.use_running_average = use_running_average
+        matrix = jax.lax.stop_gradient(self._matrix(weight))
+        rows, cols = matrix.shape
+        u = self._unit(brainstate.random.normal(size=(rows,)).astype(matrix.dtype))
+        v = self._unit(brainstate.random.normal(size=(cols,)).astype(matrix.dtype))
+        u, v = self._power_iteration(matrix, u, v, 15)
+        self.u = brainstate.ShortTermState(u)
+        self.v = brainstate.ShortTermState(v)
+
+    def _matrix(self, weight):
+        rows = weight.shape[self.axis]
+        return jnp.moveaxis(weight, self.axis, 0).reshape(rows, math.prod(weight.shape) // rows)
+
+    def _unit(self, vector):
+        return vector / jnp.maximum(jnp.linalg.norm(vector), self.epsilon)
+
+    def _power_iteration(self, matrix, u, v, steps):
+        for _ in range(steps):
+            u = self._unit(matrix @ v)
+            v = self._unit(matrix.T @ u)
+        return u, v
+
+    def _weight(self, use_running_average):
+        weight = self._stored_weight()
+        matrix = self._matrix(weight)
+        u, v = self.u.value, self.v.value
+        if self._is_training(use_running_average):
+            u, v = self._power_iteration(jax.lax.stop_gradient(matrix), u, v, self.n_steps)
+            self.u.value, self.v.value = u, v
+        sigma = jnp.dot(u, matrix @ v)
+        return weight / jnp.maximum(sigma, self.epsilon)
