@@ -10,6 +10,7 @@ from ._group_norm import GroupNorm, InstanceNorm
 from ._layer_norm import LayerNorm, RMSNorm
 from ._local_response_norm import LocalResponseNorm
 from ._states import NormalizationParamState
+from ._temporal import BatchNormThroughTime, TemporalEffectiveBatchNorm, ThresholdDependentBatchNorm
 from ._weight_norm import SpectralNorm, WeightNorm
 from .functional import weight_standardization
 
@@ -28,6 +29,9 @@ __all__ = [
     "LocalResponseNorm",
     "WeightNorm",
     "SpectralNorm",
+    "BatchNormThroughTime",
+    "ThresholdDependentBatchNorm",
+    "TemporalEffectiveBatchNorm",
     "weight_standardization",
     "functional",
 ]

@@ -125,7 +125,7 @@ class _RunningStatistics:
             return True if fit is None else bool(fit)
         return not use_running_average
 
-    def _init_running_stats(self, feature_shape, mean_type, param_dtype, unit=None):
+    def _init_running_stats(self, feature_shape, mean_type, param_dtype, unit=None, counter_shape=()):
         _check_state_type(self._owner, "mean_type", mean_type, trainable=False)
         dtype = brainstate.environ.dftype() if param_dtype is None else param_dtype
         if unit is not None and not isinstance(unit, u.Unit):
@@ -133,14 +133,19 @@ class _RunningStatistics:
         unit = None if unit is None or unit.is_unitless else unit
         self.running_mean = mean_type(_units.attach(jnp.zeros(feature_shape, dtype), unit))
         self.running_var = mean_type(_units.attach(jnp.ones(feature_shape, dtype), None if unit is None else unit**2))
-        self.num_batches_tracked = mean_type(jnp.zeros((), jnp.int32))
+        self.num_batches_tracked = mean_type(jnp.zeros(counter_shape, jnp.int32))
 
-    def _effective_momentum(self):
-        """Momentum of this step: ``1 - 1/(n+1)`` for the cumulative average (None)."""
+    def _effective_momentum(self, batches_tracked=None):
+        """Momentum of this step: ``1 - 1/(n+1)`` for the cumulative average (None).
+
+        ``batches_tracked`` defaults to ``num_batches_tracked``; layers with a
+        counter per time step pass the counts of the steps being updated.
+        """
         if self.momentum is not None:
             return self.momentum
-        steps = self.num_batches_tracked.value + 1
-        return 1.0 - 1.0 / steps.astype(jnp.float32)
+        if batches_tracked is None:
+            batches_tracked = self.num_batches_tracked.value
+        return 1.0 - 1.0 / (batches_tracked + 1).astype(jnp.float32)
 
     def _stats_unit(self, x_m, unit):
         """The unit of the running statistics for this call.
