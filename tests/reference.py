@@ -87,3 +87,27 @@ def weight_standardization(w, eps=1e-4, gain=None, out_axis=-1):
     var = w64.var(axis=axes, keepdims=True)
     y = (w64 - mean) / np.sqrt(np.maximum(var * fan_in, eps))
     return y if gain is None else y * np.asarray(gain, np.float64)
+
+
+def apply_stats(x, mean, var, eps, scale=None, bias=None):
+    """``(x - mean) / sqrt(var + eps) * scale + bias`` with given statistics, in float64."""
+    y = (np.asarray(x, np.float64) - np.asarray(mean, np.float64)) / np.sqrt(np.asarray(var, np.float64) + eps)
+    if scale is not None:
+        y = y * np.asarray(scale, np.float64)
+    if bias is not None:
+        y = y + np.asarray(bias, np.float64)
+    return y
+
+
+def masked_local_response_norm(x, size, mask, alpha=1e-4, beta=0.75, k=1.0, feature_axis=-1):
+    """LRN whose window sums leave out masked positions (their squares read as 0)."""
+    x64 = np.asarray(x, np.float64)
+    valid = np.broadcast_to(np.asarray(mask, bool), x64.shape)
+    squares = np.moveaxis(np.where(valid, x64**2, 0.0), feature_axis, -1)
+    channels = squares.shape[-1]
+    window_sum = np.zeros_like(squares)
+    for c in range(channels):
+        lo, hi = max(0, c - size // 2), min(channels, c + (size - 1) // 2 + 1)
+        window_sum[..., c] = squares[..., lo:hi].sum(-1)
+    factor = np.moveaxis((k + alpha / size * window_sum) ** (-beta), -1, feature_axis)
+    return x64 * factor
