@@ -326,11 +326,14 @@ class ThresholdDependentBatchNorm(_TemporalBatchNorm):
         Scale factor (the paper uses 1, or 1/sqrt(2) before residual additions).
     v_th : float
         Firing threshold of the following neurons.
-    epsilon, momentum, use_scale, use_bias, scale_init, bias_init, track_running_stats,
-    unbiased_running_var, use_running_average, axis_name, axis_index_groups, use_fast_variance,
-    step_mode, dtype, param_dtype, param_type, mean_type, unit, name
-        As for :class:`BatchNorm1d`; ``step_mode`` as for
-        :class:`BatchNormThroughTime` (no time index is needed).
+    step_mode : {'single', 'multi'}
+        As for :class:`BatchNormThroughTime` (no time index is needed).
+    **options
+        ``epsilon``, ``momentum``, ``use_scale``, ``use_bias``, ``scale_init``,
+        ``bias_init``, ``track_running_stats``, ``unbiased_running_var``,
+        ``use_running_average``, ``axis_name``, ``axis_index_groups``,
+        ``use_fast_variance``, ``dtype``, ``param_dtype``, ``param_type``,
+        ``mean_type``, ``unit``, ``name``: as for :class:`BatchNorm1d`.
 
     References
     ----------
@@ -415,10 +418,9 @@ class TemporalEffectiveBatchNorm(ThresholdDependentBatchNorm):
     num_steps : int
         Length of ``p``; later steps reuse ``p`` of the last step.
     feature_axis : int or sequence of int
-    epsilon, momentum, use_scale, use_bias, scale_init, bias_init, track_running_stats,
-    unbiased_running_var, use_running_average, axis_name, axis_index_groups, use_fast_variance,
-    step_mode, dtype, param_dtype, param_type, mean_type, unit, name
-        As for :class:`ThresholdDependentBatchNorm` (with ``alpha = v_th = 1``).
+    **options
+        Every keyword of :class:`ThresholdDependentBatchNorm` but ``alpha``
+        and ``v_th`` (TEBN has ``alpha = v_th = 1``).
 
     Attributes
     ----------
