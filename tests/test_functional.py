@@ -47,9 +47,10 @@ def jit_call(fn, *args, **kwargs):
 
 def assert_close(actual, expected, atol=ATOL, rtol=RTOL):
     actual = np.asarray(actual)
-    expected = np.asarray(expected, np.float64)
+    wide = np.complex128 if np.iscomplexobj(actual) or np.iscomplexobj(expected) else np.float64
+    expected = np.asarray(expected, wide)
     assert actual.shape == expected.shape, (actual.shape, expected.shape)
-    np.testing.assert_allclose(actual.astype(np.float64), expected, atol=atol, rtol=rtol)
+    np.testing.assert_allclose(actual.astype(wide), expected, atol=atol, rtol=rtol)
 
 
 def random_x(rng, shape, offset=1.5):
@@ -440,3 +441,44 @@ def test_weight_standardization_eps_floor(rng):
     y = jit_call(F.weight_standardization, w, eps=1e-4)
     assert_close(y, ref.weight_standardization(w, 1e-4), atol=1e-7, rtol=1e-5)
     assert float(np.max(np.abs(np.asarray(y)))) < 1e-2
+
+
+def test_weight_standardization_is_exported_at_top_level(rng):
+    import brainnorm
+
+    w = random_x(rng, (3, 3, 2, 4))
+    assert_close(brainnorm.weight_standardization(w, eps=1e-3), ref.weight_standardization(w, 1e-3))
+
+
+# ---------------------------------------------------------------------------
+# complex inputs: variance of |x - mean|^2
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fast", [False, True], ids=["robust", "fast"])
+@pytest.mark.parametrize("masked", [False, True], ids=["unmasked", "masked"])
+def test_complex_moments_and_layer_norm(rng, fast, masked):
+    shape = (4, 3, 6)
+    x = (1 - 2j + rng.standard_normal(shape) + 1j * rng.standard_normal(shape)).astype(np.complex64)
+    mask = with_first_valid(random_mask(rng, shape)) if masked else None
+    mean, var = jit_call(F.moments, x, (1, 2), mask=mask, use_fast_variance=fast)
+    r_mean, r_var, _ = ref.moments(x, (1, 2), mask)
+    assert np.iscomplexobj(np.asarray(mean))
+    assert_close(mean, r_mean)
+    assert_close(var, r_var)
+    y = jit_call(F.layer_norm, x, reduction_axes=(1, 2), mask=mask, use_fast_variance=fast)
+    assert_close(y, (x.astype(np.complex128) - r_mean) / np.sqrt(r_var + 1e-6))
+    _, r_ms, _ = ref.moments(x, -1, mask, use_mean=False)
+    y = jit_call(F.rms_norm, x, mask=mask)
+    assert_close(y, x.astype(np.complex128) / np.sqrt(r_ms + 1e-6))
+
+
+@pytest.mark.parametrize("use_mean,fast", [(True, False), (True, True), (False, False)], ids=["robust", "fast", "rms"])
+@pytest.mark.parametrize("masked", [False, True], ids=["unmasked", "masked"])
+def test_complex_variance_is_real(rng, use_mean, fast, masked):
+    """The variance of complex data, mean(|x - mean|^2), is real (float32 for complex64)."""
+    shape = (3, 5)
+    x = (rng.standard_normal(shape) + 1j * rng.standard_normal(shape)).astype(np.complex64)
+    mask = with_first_valid(random_mask(rng, shape)) if masked else None
+    _, var = F.moments(x, -1, mask=mask, use_mean=use_mean, use_fast_variance=fast)
+    assert var.dtype == np.float32

@@ -490,3 +490,22 @@ def test_int_in_size_means_one_axis():
     for layer in (brainnorm.LayerNorm(7), brainnorm.RMSNorm(7), brainnorm.BatchNorm0d(7),
                   brainnorm.GroupNorm(7, num_groups=7), brainnorm.LocalResponseNorm(7, 2)):
         assert tuple(layer.in_size) == (7,) and tuple(layer.out_size) == (7,)
+
+
+@pytest.mark.parametrize(
+    "factory,reference",
+    [
+        (lambda: brainnorm.GroupNorm((5, 6), num_groups=3),
+         lambda x, m: ref.group_normalize(x, 3, -1, (1, 2), m, 1e-6)),
+        (lambda: brainnorm.LayerNorm((5, 6), reduction_axes=(0, 1)), lambda x, m: ref.normalize(x, (1, 2), m, 1e-6)),
+        (lambda: brainnorm.BatchNorm1d((5, 6), use_running_average=False),
+         lambda x, m: ref.normalize(x, (0, 1), m, 1e-5)),
+    ],
+    ids=["GroupNorm", "LayerNorm", "BatchNorm1d"],
+)
+def test_integer_sequence_mask_reads_nonzero(rng, factory, reference):
+    x = random_x(rng, (3, 5, 6))
+    int_mask = rng.integers(0, 3, size=(3, 5, 1)).astype(np.int32)
+    int_mask[:, 0] = 2
+    y = run(factory(), x, int_mask)
+    assert_close(y, reference(x, int_mask != 0))
