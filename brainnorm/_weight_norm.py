@@ -79,6 +79,8 @@ class _WeightWrapper(brainstate.nn.Module):
             self._state.value = original
 
     def _weight(self, use_running_average):
+        """``(weight, writes)``: the weight to use and the state writes to commit
+        once the wrapped call has succeeded (a call that raises writes nothing)."""
         raise NotImplementedError
 
     def normalized_weight(self):
@@ -89,7 +91,7 @@ class _WeightWrapper(brainstate.nn.Module):
         Array
             Same shape as the wrapped weight.
         """
-        return self._weight(True)
+        return self._weight(True)[0]
 
     def update(self, *args, use_running_average=None, **kwargs):
         """Call the wrapped layer with the reparametrized weight.
@@ -105,9 +107,12 @@ class _WeightWrapper(brainstate.nn.Module):
         -------
         The wrapped layer's output.
         """
-        weight = self._weight(use_running_average)
+        weight, writes = self._weight(use_running_average)
         with self._weight_in_layer(weight):
-            return self.layer(*args, **kwargs)
+            output = self.layer(*args, **kwargs)
+        for state, value in writes:
+            state.value = value
+        return output
 
 
 class WeightNorm(_WeightWrapper):
@@ -172,7 +177,7 @@ class WeightNorm(_WeightWrapper):
 
     def _weight(self, use_running_average):
         v = self.v.value
-        return self.g.value * v / jnp.maximum(self._norm(v), self.epsilon)
+        return self.g.value * v / jnp.maximum(self._norm(v), self.epsilon), ()
 
 
 class SpectralNorm(_RunningStatistics, _WeightWrapper):
@@ -263,8 +268,9 @@ class SpectralNorm(_RunningStatistics, _WeightWrapper):
         weight = self._stored_weight()
         matrix = self._matrix(weight)
         u, v = self.u.value, self.v.value
+        writes = ()
         if self._is_training(use_running_average):
             u, v = self._power_iteration(jax.lax.stop_gradient(matrix), u, v, self.n_steps)
-            self.u.value, self.v.value = u, v
+            writes = ((self.u, u), (self.v, v))
         sigma = jnp.dot(u, matrix @ v)
-        return weight / jnp.maximum(sigma, self.epsilon)
+        return weight / jnp.maximum(sigma, self.epsilon), writes
