@@ -7,8 +7,9 @@ Input layouts
 
 ``step_mode='single'`` (default): ``(*batch, *in_size)``, one call per time
 step inside a simulation loop. Layers that depend on the step take its index
-from ``update(x, t=...)``, else from ``brainstate.environ.get('i')`` (set by
-brainstate's loops and ``environ.context(i=...)``).
+from ``update(x, t=...)``, else from ``brainstate.environ.get('i')``. The
+loops of brainstate do not set ``'i'`` themselves: wrap the loop body in
+``brainstate.environ.context(i=i)`` (``i`` may be traced) or pass ``t=``.
 
 Steps at or past ``num_steps`` reuse the last step's parameters and
 statistics. A negative Python index raises ``ValueError``; a traced index is
@@ -118,7 +119,8 @@ class _TemporalBatchNorm(_RunningStatistics, _Normalization):
         if t is None:
             raise ValueError(
                 f"{self._owner}: step_mode='single' needs the time index: pass update(x, t=...) or "
-                f"run inside brainstate.environ.context(i=...) / a brainstate loop that sets 'i'."
+                f"wrap the step in brainstate.environ.context(i=step_index) (the loops of brainstate "
+                f"do not set 'i' themselves)."
             )
         if isinstance(t, (numbers.Integral, np.integer)) or (hasattr(t, "shape") and not isinstance(t, jax.core.Tracer)):
             t_value = int(np.asarray(t))
