@@ -36,6 +36,7 @@ exact when devices hold different numbers of valid elements.
 
 from __future__ import annotations
 
+import inspect
 import math
 from typing import NamedTuple, Optional, Sequence
 
@@ -111,7 +112,6 @@ def compute_moments(
     axes = tuple(sorted(axes))
     sdtype = stats_dtype(x.dtype, dtype)
     x = x.astype(sdtype)
-    zero = jnp.zeros((), sdtype)
 
     if mask is None:
         count = jnp.asarray(math.prod(x.shape[a] for a in axes), jnp.float32)
@@ -123,7 +123,7 @@ def compute_moments(
         valid = mask
 
     def masked(values):
-        return values if valid is None else jnp.where(valid, values, zero)
+        return values if valid is None else jnp.where(valid, values, jnp.zeros((), values.dtype))
 
     def real_dtype_count(c):
         return c.astype(jnp.zeros((), sdtype).real.dtype)
@@ -166,6 +166,27 @@ def _kept_shape(shape, axes):
     return tuple(1 if i in axes else d for i, d in enumerate(shape))
 
 
+# The gathered statistics are identical on every member of the axis; newer JAX
+# can say so (``to='invarying'``, only inside shard_map), which lets
+# ``shard_map`` return them with a replicated ``out_specs`` under its default
+# replication checks.
+_GATHER_HAS_TO = "to" in inspect.signature(jax.lax.all_gather).parameters
+
+
+def _varies_along(value, name) -> bool:
+    """True inside ``shard_map`` (with replication checks) for a value that varies along ``name``."""
+    aval = jax.typeof(value)
+    manual = getattr(aval, "manual_axis_type", None)
+    varying = getattr(manual, "varying", None) if manual is not None else getattr(aval, "vma", None)
+    return bool(varying) and name in varying
+
+
+def _gather(value, name, axis_index_groups):
+    if _GATHER_HAS_TO and axis_index_groups is None and _varies_along(value, name):
+        return jax.lax.all_gather(value, name, to="invarying")
+    return jax.lax.all_gather(value, name, axis_index_groups=axis_index_groups)
+
+
 def _combine_across_devices(count, shift, s1, s2, axis_name, axis_index_groups):
     """Exact global sums over the named axis with a single collective."""
     if shift is None:
@@ -183,7 +204,7 @@ def _combine_across_devices(count, shift, s1, s2, axis_name, axis_index_groups):
     parts = jnp.stack([count.astype(common), shift.astype(common), s1.astype(common), s2.astype(common)])
     gathered = parts
     for name in _as_tuple_name(axis_name):
-        gathered = jax.lax.all_gather(gathered, name, axis_index_groups=axis_index_groups)
+        gathered = _gather(gathered, name, axis_index_groups)
         gathered = gathered.reshape((-1,) + parts.shape)
     n_i = gathered[:, 0].real
     k_i = gathered[:, 1]
