@@ -10,8 +10,14 @@ import jax
 import jax.numpy as jnp
 
 from . import _units
-from ._states import NormalizationParamState
-from ._validation import canonical_axes, canonical_in_size, check_mask, check_trailing_shape
+from ._validation import (
+    canonical_axes,
+    canonical_in_size,
+    check_epsilon,
+    check_mask,
+    check_momentum,
+    check_trailing_shape,
+)
 
 __all__: list[str] = []
 
@@ -124,6 +130,42 @@ class _RunningStatistics:
             fit = brainstate.environ.get("fit", None)
             return True if fit is None else bool(fit)
         return not use_running_average
+
+    def _setup_statistics(
+        self, *, feature_axis, epsilon, momentum, use_scale, use_bias, scale_init, bias_init,
+        track_running_stats, unbiased_running_var, use_running_average, axis_name, axis_index_groups,
+        use_fast_variance, dtype, param_dtype, param_type, mean_type, unit, leading_shape=(),
+    ):
+        """Options, parameters and running statistics of a batch-statistics layer.
+
+        ``leading_shape`` prefixes the parameter and statistics shapes (one
+        slot per time step for BNTT, which then counts batches per step too).
+        """
+        owner = self._owner
+        self.feature_axes = self._sample_axes("feature_axis", feature_axis)
+        self.epsilon = check_epsilon(owner, epsilon)
+        self.momentum = check_momentum(owner, momentum)
+        self.use_scale = bool(use_scale)
+        self.use_bias = bool(use_bias)
+        self.track_running_stats = bool(track_running_stats)
+        self.unbiased_running_var = bool(unbiased_running_var)
+        self.use_running_average = use_running_average
+        self.axis_name = axis_name
+        self.axis_index_groups = axis_index_groups
+        self.use_fast_variance = bool(use_fast_variance)
+        self.dtype = dtype
+        self.param_dtype = param_dtype
+        self.scale_init = scale_init
+        self.bias_init = bias_init
+        stat_shape = tuple(leading_shape) + self._feature_shape(self.feature_axes)
+        self.weight = self._affine_state(
+            stat_shape, use_scale=self.use_scale, use_bias=self.use_bias, scale_init=scale_init,
+            bias_init=bias_init, param_dtype=param_dtype, param_type=param_type,
+        )
+        if self.track_running_stats:
+            self._init_running_stats(stat_shape, mean_type, param_dtype, unit, tuple(leading_shape))
+        else:
+            self.running_mean = self.running_var = self.num_batches_tracked = None
 
     def _init_running_stats(self, feature_shape, mean_type, param_dtype, unit=None, counter_shape=()):
         _check_state_type(self._owner, "mean_type", mean_type, trainable=False)

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import brainstate
-import jax.numpy as jnp
 
 from . import functional as F
 from ._base import _affine_values, _Normalization, _pick, _RunningStatistics
 from ._states import NormalizationParamState
-from ._validation import check_epsilon, check_momentum
 
 __all__ = ["BatchNorm0d", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
 
@@ -51,33 +49,20 @@ class _BatchNorm(_RunningStatistics, _Normalization):
                 f"{owner}: in_size must have {expected_rank} entries (spatial dims and channels), "
                 f"got {self.in_size}."
             )
-        self.feature_axes = self._sample_axes("feature_axis", feature_axis)
-        self.epsilon = check_epsilon(owner, epsilon)
-        self.momentum = check_momentum(owner, momentum)
-        self.track_running_stats = bool(track_running_stats)
         self.affine = bool(affine)
-        self.use_scale = self.affine if use_scale is None else bool(use_scale)
-        self.use_bias = self.affine if use_bias is None else bool(use_bias)
-        self.axis_name = axis_name
-        self.axis_index_groups = axis_index_groups
-        self.use_fast_variance = bool(use_fast_variance)
-        self.unbiased_running_var = bool(unbiased_running_var)
-        self.use_running_average = use_running_average
-        self.dtype = dtype
-        self.param_dtype = param_dtype
-        self.scale_init = _pick(owner, "scale_initializer", scale_initializer, "scale_init", scale_init,
-                                brainstate.nn.init.Constant(1.0))
-        self.bias_init = _pick(owner, "bias_initializer", bias_initializer, "bias_init", bias_init,
-                               brainstate.nn.init.Constant(0.0))
-        feature_shape = self._feature_shape(self.feature_axes)
-        self.weight = self._affine_state(
-            feature_shape, use_scale=self.use_scale, use_bias=self.use_bias, scale_init=self.scale_init,
-            bias_init=self.bias_init, param_dtype=param_dtype, param_type=param_type,
+        self._setup_statistics(
+            feature_axis=feature_axis, epsilon=epsilon, momentum=momentum,
+            use_scale=self.affine if use_scale is None else use_scale,
+            use_bias=self.affine if use_bias is None else use_bias,
+            scale_init=_pick(owner, "scale_initializer", scale_initializer, "scale_init", scale_init,
+                             brainstate.nn.init.Constant(1.0)),
+            bias_init=_pick(owner, "bias_initializer", bias_initializer, "bias_init", bias_init,
+                            brainstate.nn.init.Constant(0.0)),
+            track_running_stats=track_running_stats, unbiased_running_var=unbiased_running_var,
+            use_running_average=use_running_average, axis_name=axis_name, axis_index_groups=axis_index_groups,
+            use_fast_variance=use_fast_variance, dtype=dtype, param_dtype=param_dtype, param_type=param_type,
+            mean_type=mean_type, unit=unit,
         )
-        if self.track_running_stats:
-            self._init_running_stats(feature_shape, mean_type, param_dtype, unit)
-        else:
-            self.running_mean = self.running_var = self.num_batches_tracked = None
 
     def update(self, x, mask=None, *, use_running_average=None):
         """Normalize ``x`` of shape ``(*batch, *in_size)``.

@@ -10,7 +10,7 @@ from . import _units
 from . import functional as F
 from ._base import _affine_values, _Normalization, _pick, _RunningStatistics
 from ._states import NormalizationParamState
-from ._validation import check_epsilon, check_momentum
+from ._validation import check_epsilon
 
 __all__ = ["GroupNorm", "InstanceNorm"]
 
@@ -239,38 +239,23 @@ class InstanceNorm(_RunningStatistics, _Normalization):
     ):
         super().__init__(in_size, name=name)
         owner = self._owner
-        self.feature_axes = self._sample_axes("feature_axis", feature_axis)
+        self._setup_statistics(
+            feature_axis=feature_axis, epsilon=epsilon, momentum=momentum, use_scale=use_scale, use_bias=use_bias,
+            scale_init=_pick(owner, "scale_init", scale_init, "scale_initializer", scale_initializer,
+                             brainstate.nn.init.Constant(1.0)),
+            bias_init=_pick(owner, "bias_init", bias_init, "bias_initializer", bias_initializer,
+                            brainstate.nn.init.Constant(0.0)),
+            track_running_stats=track_running_stats, unbiased_running_var=unbiased_running_var,
+            use_running_average=use_running_average, axis_name=axis_name, axis_index_groups=axis_index_groups,
+            use_fast_variance=use_fast_variance, dtype=dtype, param_dtype=param_dtype, param_type=param_type,
+            mean_type=mean_type, unit=unit,
+        )
         self.reduction_axes = tuple(a for a in range(len(self.in_size)) if a not in self.feature_axes)
         if not self.reduction_axes:
             raise ValueError(
                 f"{owner}: in_size must have an axis besides feature_axis to compute instance "
                 f"statistics over, got in_size={self.in_size} with feature_axis={feature_axis!r}."
             )
-        self.epsilon = check_epsilon(owner, epsilon)
-        self.momentum = check_momentum(owner, momentum)
-        self.use_scale = bool(use_scale)
-        self.use_bias = bool(use_bias)
-        self.track_running_stats = bool(track_running_stats)
-        self.unbiased_running_var = bool(unbiased_running_var)
-        self.use_running_average = use_running_average
-        self.axis_name = axis_name
-        self.axis_index_groups = axis_index_groups
-        self.use_fast_variance = bool(use_fast_variance)
-        self.dtype = dtype
-        self.param_dtype = param_dtype
-        self.scale_init = _pick(owner, "scale_init", scale_init, "scale_initializer", scale_initializer,
-                                brainstate.nn.init.Constant(1.0))
-        self.bias_init = _pick(owner, "bias_init", bias_init, "bias_initializer", bias_initializer,
-                               brainstate.nn.init.Constant(0.0))
-        feature_shape = self._feature_shape(self.feature_axes)
-        self.weight = self._affine_state(
-            feature_shape, use_scale=self.use_scale, use_bias=self.use_bias, scale_init=self.scale_init,
-            bias_init=self.bias_init, param_dtype=param_dtype, param_type=param_type,
-        )
-        if self.track_running_stats:
-            self._init_running_stats(feature_shape, mean_type, param_dtype, unit)
-        else:
-            self.running_mean = self.running_var = self.num_batches_tracked = None
 
     def update(self, x, mask=None, *, use_running_average=None):
         """Normalize ``x`` of shape ``(*batch, *in_size)``.

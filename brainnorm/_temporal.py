@@ -34,7 +34,7 @@ from . import _units
 from . import functional as F
 from ._base import _affine_values, _Normalization, _RunningStatistics
 from ._states import NormalizationParamState
-from ._validation import check_choice, check_epsilon, check_momentum, check_positive_int
+from ._validation import check_choice, check_positive_int
 
 __all__ = ["BatchNormThroughTime", "ThresholdDependentBatchNorm", "TemporalEffectiveBatchNorm"]
 
@@ -73,33 +73,15 @@ class _TemporalBatchNorm(_RunningStatistics, _Normalization):
         super().__init__(in_size, name=name)
         owner = self._owner
         self.num_steps = None if num_steps is None else check_positive_int(owner, "num_steps", num_steps)
-        self.feature_axes = self._sample_axes("feature_axis", feature_axis)
-        self.epsilon = check_epsilon(owner, epsilon)
-        self.momentum = check_momentum(owner, momentum)
         self.step_mode = check_choice(owner, "step_mode", step_mode, ("single", "multi"))
-        self.use_scale = bool(use_scale)
-        self.use_bias = bool(use_bias)
-        self.track_running_stats = bool(track_running_stats)
-        self.unbiased_running_var = bool(unbiased_running_var)
-        self.use_running_average = use_running_average
-        self.axis_name = axis_name
-        self.axis_index_groups = axis_index_groups
-        self.use_fast_variance = bool(use_fast_variance)
-        self.dtype = dtype
-        self.param_dtype = param_dtype
-        self.scale_init = scale_init
-        self.bias_init = bias_init
-        feature_shape = self._feature_shape(self.feature_axes)
-        stat_shape = ((self.num_steps,) if self._per_step_statistics else ()) + feature_shape
-        self.weight = self._affine_state(
-            stat_shape, use_scale=self.use_scale, use_bias=self.use_bias, scale_init=scale_init,
-            bias_init=bias_init, param_dtype=param_dtype, param_type=param_type,
+        self._setup_statistics(
+            feature_axis=feature_axis, epsilon=epsilon, momentum=momentum, use_scale=use_scale, use_bias=use_bias,
+            scale_init=scale_init, bias_init=bias_init, track_running_stats=track_running_stats,
+            unbiased_running_var=unbiased_running_var, use_running_average=use_running_average,
+            axis_name=axis_name, axis_index_groups=axis_index_groups, use_fast_variance=use_fast_variance,
+            dtype=dtype, param_dtype=param_dtype, param_type=param_type, mean_type=mean_type, unit=unit,
+            leading_shape=(self.num_steps,) if self._per_step_statistics else (),
         )
-        if self.track_running_stats:
-            counter_shape = (self.num_steps,) if self._per_step_statistics else ()
-            self._init_running_stats(stat_shape, mean_type, param_dtype, unit, counter_shape)
-        else:
-            self.running_mean = self.running_var = self.num_batches_tracked = None
 
     # -- inputs -------------------------------------------------------------
 

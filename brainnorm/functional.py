@@ -18,7 +18,7 @@ output equals the bias) with finite gradients.
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
