@@ -738,6 +738,18 @@ CASE_FUNCS = {name: globals()[f"case_{name}"] for name in CASES}
 # ---------------------------------------------------------------------------
 # results
 # ---------------------------------------------------------------------------
+def git_revision():
+    """The repository's commit (with "-dirty" when the work tree has changes), or None."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True,
+                             cwd=os.path.dirname(os.path.abspath(__file__)), timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
 def machine_info():
     def version(mod):
         try:
@@ -1080,6 +1092,7 @@ def main(argv=None):
         "mode": "quick" if args.quick else "full",
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
+        "git_revision": git_revision(),
         "config": {"rounds": args.rounds, "runs": args.runs, "warmup": args.warmup, "seed": args.seed,
                    "cases": args.cases, "shapes": {k: v for k, v in sh.items()}, "check_tolerance": CHECK_TOL},
         "machine": machine,
