@@ -472,12 +472,14 @@ def _reshape_q(value, shape):
 
 
 def _set_step(full, t, value):
-    full_m, unit = _units.split(full)
-    value_m = _units.split(value)[0]
+    """``full`` with slot ``t`` replaced, in the unit of ``value`` (adopted on a first call with units)."""
+    full_m = _units.split(full)[0]
+    value_m, unit = _units.split(value)
     return _units.attach(full_m.at[t].set(jnp.reshape(value_m, full_m.shape[1:])), unit)
 
 
 def _set_steps(full, values):
-    full_m, unit = _units.split(full)
-    values_m = _units.split(values)[0]
+    """``full`` with its first ``len(values)`` slots replaced, in the unit of ``values``."""
+    full_m = _units.split(full)[0]
+    values_m, unit = _units.split(values)
     return _units.attach(full_m.at[: values_m.shape[0]].set(values_m), unit)

@@ -82,6 +82,8 @@ def check_epsilon(owner: str, epsilon, *, allow_none: bool = False, option: str 
         raise TypeError(f"{owner}: {option} must be a positive finite number, got None.")
     value = getattr(epsilon, "mantissa", epsilon)
     try:
+        if isinstance(value, (str, bytes)) or np.asarray(value).dtype.kind not in "iuf":
+            raise TypeError
         as_float = float(np.asarray(value))
     except (TypeError, ValueError):
         raise TypeError(
@@ -100,6 +102,8 @@ def check_momentum(owner: str, momentum, *, allow_none: bool = True):
             return None
         raise TypeError(f"{owner}: momentum must be a number in [0, 1], got None.")
     try:
+        if isinstance(momentum, (str, bytes, bool)) or np.asarray(momentum).dtype.kind not in "iuf":
+            raise TypeError
         as_float = float(momentum)
     except (TypeError, ValueError):
         raise TypeError(

@@ -172,12 +172,15 @@ class WeightNorm(_WeightWrapper):
         self.v = brainstate.ParamState(weight)
         self.g = brainstate.ParamState(self._norm(weight))
 
-    def _norm(self, v):
-        return jnp.sqrt(jnp.sum(jnp.square(v), axis=self._norm_axes, keepdims=True))
+    def _norm(self, v, floor=0.0):
+        # The floor sits inside the square root: sqrt has an infinite slope at 0,
+        # so clamping outside would still give a NaN gradient for a zero column.
+        squares = jnp.sum(jnp.square(v), axis=self._norm_axes, keepdims=True)
+        return jnp.sqrt(jnp.maximum(squares, floor))
 
     def _weight(self, use_running_average):
         v = self.v.value
-        return self.g.value * v / jnp.maximum(self._norm(v), self.epsilon), ()
+        return self.g.value * v / self._norm(v, self.epsilon**2), ()
 
 
 class SpectralNorm(_RunningStatistics, _WeightWrapper):

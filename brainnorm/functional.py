@@ -22,6 +22,7 @@ from typing import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from . import _units
 from ._stats import Moments, apply_moments, compute_moments, default_epsilon, output_dtype, stats_dtype
@@ -187,7 +188,9 @@ def _local_response_norm(x, size, alpha, beta, k, feature_axis, mask=None, dtype
     window[feature_axis] = size
     padding = [(0, 0)] * x.ndim
     padding[feature_axis] = (size // 2, (size - 1) // 2)
-    window_sum = jax.lax.reduce_window(squares, jnp.zeros((), sdtype), jax.lax.add, window, (1,) * x.ndim, padding)
+    # A concrete (NumPy) init value keeps reduce_window on its differentiable
+    # sum path; a traced one would fall back to the generic op, which has no VJP.
+    window_sum = jax.lax.reduce_window(squares, np.zeros((), sdtype), jax.lax.add, window, (1,) * x.ndim, padding)
     y = xs * jnp.power(k + (alpha / size) * window_sum, -beta)
     return y.astype(output_dtype(x.dtype, dtype))
 

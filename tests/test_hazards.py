@@ -183,7 +183,10 @@ class Harness:
 
             grad = brainstate.transform.grad(loss, grad_states=params, argnums=0, has_aux=True)
             self.compiled[key] = brainstate.transform.jit(lambda v, m: grad(v, m))
-        (g_params, g_x), y = self.compiled[key](x, mask)
+        grads, y = self.compiled[key](x, mask)
+        if not self.layer.states(brainstate.ParamState):
+            return y, {}, grads  # without parameters, grad returns the input gradient alone
+        g_params, g_x = grads
         return y, g_params, g_x
 
     def forward(self, x, mask):
@@ -223,7 +226,8 @@ def test_hazard(layer_name, hazard):
     assert y.shape == x.shape[:-1] + (y.shape[-1],)
     assert finite_leaves(y), f"{layer_name}/{hazard}: non-finite output"
     assert finite_leaves(g_x), f"{layer_name}/{hazard}: non-finite input gradient"
-    assert g_params, "no parameter gradients"
+    # Every layer but LocalResponseNorm has trainable parameters that must receive gradients.
+    assert g_params or layer_name == "LocalResponseNorm", "no parameter gradients"
     for path, grad in g_params.items():
         assert finite_leaves(grad), f"{layer_name}/{hazard}: non-finite gradient of {path}"
     for path, state in h.layer.states().items():
