@@ -12,24 +12,34 @@ Every layer and function of brainnorm reduces to two calls:
 Why a shift. The one-pass variance ``E[x^2] - E[x]^2`` loses every digit when
 ``|mean| >> std`` (float32 data ``1e4 + N(0, 1)`` gives variances off by
 thousands), and even the two-pass ``E[(x - mean)^2]`` pays for the rounding of
-the float32 mean when ``x - mean`` is formed. Subtracting a value ``k`` that
-lies inside the data first makes ``x - k`` exact (Sterbenz) and small, so the
-sums of ``x - k`` and ``|x - k|^2`` lose almost nothing; normalizing in the
-shifted domain ``((x - k) - (mean - k))`` keeps that precision in the output.
+the float32 mean when ``x - mean`` is formed and used as the centred value.
+Here each group is shifted by a value ``k`` inside the data: one of its own
+elements (unmasked data; the first element may be padding, so masked data use
+the float32 masked mean from a first pass). ``x - k`` is then exact for values
+near ``k`` (Sterbenz), the sums of ``x - k`` and ``|x - k|^2`` lose almost
+nothing, and normalizing in the shifted domain ``((x - k) - delta)`` with
+``delta = E[x - k]`` keeps that precision in the output: about 1e-6 from a
+float64 reference at an offset of 1e4. Because ``k`` belongs to the group,
+``(k - mean)^2 <= n var`` bounds the cancellation.
 
-* Unmasked data: ``k`` is one of the group's own values (its first element).
-  Because ``k`` belongs to the group, ``(k - mean)^2 <= n * var``, which bounds
-  the cancellation in ``E[(x-k)^2] - (E[x-k])^2`` by a factor ``n``; the two
-  sums come from a single pass over ``x``, as cheap as the one-pass formula.
-* Masked data: the first element may be padding, so ``k`` is the float32
-  masked mean from a first pass; the second pass sums the shifted values.
+The shift must be the same number everywhere it is used. XLA may evaluate a
+value in several fusions and contract arithmetic differently in each (fused
+multiply-add), so shifts are stored data values wherever possible: the
+element itself, and when groups or devices are merged, the shift of the
+member with the most valid elements.
+
 * ``k`` is held constant under differentiation (``stop_gradient``): the
   moments are exact functions of ``x`` for any fixed ``k``, so gradients are
   exact and the backward pass does not differentiate through the shift.
+* Masks: one ``where`` makes a copy with padding set to 0 (so non-finite
+  padding never enters arithmetic) and the mask becomes a float weight; the
+  reductions then see only float arithmetic, which XLA's CPU backend fuses
+  (boolean selects inside reductions are an order of magnitude slower there).
 
 Distributed statistics (``axis_name``): each device shifts by its own ``k_i``;
 one ``all_gather`` brings every device's ``(n_i, s1_i, s2_i, k_i)``, which are
-re-expressed around a common shift and summed (Chan et al.'s pairwise update).
+re-expressed around a common shift and summed (Chan et al.'s pairwise update);
+channel groups (GroupNorm) are merged from per-channel sums the same way.
 Counts are summed, never per-device means averaged, so masked statistics are
 exact when devices hold different numbers of valid elements.
 """
@@ -84,14 +94,110 @@ def abs_sq(x):
     return jnp.square(x)
 
 
-def _first_element(x, axes):
-    """The element at index 0 of every reduced axis, reduced axes kept."""
-    index = tuple(slice(0, 1) if i in axes else slice(None) for i in range(x.ndim))
-    return x[index]
-
-
 def _as_tuple_name(axis_name):
     return axis_name if isinstance(axis_name, tuple) else (axis_name,)
+
+
+class _Sums(NamedTuple):
+    """Raw sums of one group: valid count, shift, sum of ``x - shift`` and of its ``|.|^2``.
+
+    ``shift`` is None for unshifted sums (fast variance, RMS); ``s1`` is None
+    without a mean (RMS).
+    """
+
+    count: jax.Array
+    shift: Optional[jax.Array]
+    s1: Optional[jax.Array]
+    s2: jax.Array
+
+
+def _reciprocal(count):
+    """``1 / max(count, 1)``, for shifts written as ``sum * reciprocal``.
+
+    Every use of a shift must see the same rounded value. XLA may recompute a
+    shift inside each consumer fusion, and it rewrites some divisions by
+    constants into multiplications by a rounded reciprocal but not others, so
+    ``sum / count`` could round differently in different places; a single
+    multiplication has one IEEE result wherever it is evaluated.
+    """
+    return 1 / jnp.maximum(count, 1)
+
+
+def _local_sums(x, axes, mask, use_mean, use_fast_variance) -> _Sums:
+    """Sums of ``x`` (already in the statistics dtype) over ``axes``, kept with size 1."""
+    real_dtype = jnp.zeros((), x.dtype).real.dtype
+    if mask is None:
+        count = jnp.asarray(math.prod(x.shape[a] for a in axes), real_dtype)
+        count = jnp.broadcast_to(count, _kept_shape(x.shape, axes))
+        valid_x = x
+        weight = None
+    else:
+        # One select makes a copy in which padding is 0, so even inf/nan padding
+        # never enters arithmetic; everything after it is float arithmetic,
+        # which XLA's CPU reductions fuse (a boolean select inside a reduction
+        # runs an order of magnitude slower there).
+        mask = jnp.broadcast_to(mask, x.shape)
+        weight = mask.astype(real_dtype)
+        count = jnp.sum(weight, axis=axes, keepdims=True)
+        valid_x = jnp.where(mask, x, jnp.zeros((), x.dtype))
+
+    def total(values):
+        return jnp.sum(values, axis=axes, keepdims=True)
+
+    if not use_mean:
+        return _Sums(count, None, None, total(abs_sq(valid_x)))
+    if use_fast_variance:
+        return _Sums(count, None, total(valid_x), total(abs_sq(valid_x)))
+    if weight is None:
+        # One of the group's own values: it needs no arithmetic, so every fusion
+        # XLA evaluates it in sees the same number, and because it belongs to
+        # the group, (shift - mean)^2 <= n var bounds the cancellation.
+        shift = jax.lax.stop_gradient(_first_element(valid_x, axes))
+        centered = valid_x - shift
+    else:
+        # The first element may be padding: shift by the masked mean instead.
+        shift = jax.lax.stop_gradient(total(valid_x) * _reciprocal(count))
+        centered = (valid_x - shift) * weight
+    return _Sums(count, shift, total(centered), total(abs_sq(centered)))
+
+
+def _merge(sums: _Sums, axis: int) -> _Sums:
+    """Combine the sums of several groups along ``axis`` (kept with size 1), exactly.
+
+    Shifted sums are re-expressed around a common shift (the count-weighted
+    mean of the shifts, a value inside the data) before they are added: the
+    pairwise update of Chan, Golub and LeVeque. Counts are added, so groups
+    with more valid elements weigh more.
+    """
+
+    def total(values):
+        return jnp.sum(values, axis=axis, keepdims=True)
+
+    count = total(sums.count)
+    if sums.shift is None:
+        return _Sums(count, None, None if sums.s1 is None else total(sums.s1), total(sums.s2))
+    n = sums.count
+    # The common shift is the shift of the member with the most valid elements:
+    # a stored value (no arithmetic XLA could round differently in different
+    # fusions) that lies inside the data.
+    largest = jnp.argmax(jnp.broadcast_to(n, sums.shift.shape), axis=axis, keepdims=True)
+    shift = jax.lax.stop_gradient(jnp.take_along_axis(sums.shift, largest, axis=axis))
+    offset = jax.lax.stop_gradient(sums.shift - shift)
+    s1 = total(sums.s1 + n * offset)
+    s2 = total(sums.s2 + 2 * jnp.real(jnp.conj(offset) * sums.s1) + n * abs_sq(offset))
+    return _Sums(count, shift, s1, s2)
+
+
+def _finalize(sums: _Sums, masked: bool) -> Moments:
+    n = jnp.maximum(sums.count.astype(jnp.real(sums.s2).dtype), 1)
+    var = sums.s2 / n
+    if sums.s1 is None:
+        delta = None
+    else:
+        delta = sums.s1 / n
+        # E[|x-k|^2] - |E[x-k]|^2 can round below zero.
+        var = jnp.maximum(var - abs_sq(delta), 0)
+    return Moments(shift=sums.shift, delta=delta, var=var, count=sums.count if masked else None)
 
 
 def compute_moments(
@@ -109,57 +215,64 @@ def compute_moments(
 
     ``mask`` is a boolean array broadcastable to ``x`` (already validated).
     """
-    axes = tuple(sorted(axes))
-    sdtype = stats_dtype(x.dtype, dtype)
-    x = x.astype(sdtype)
-
-    if mask is None:
-        count = jnp.asarray(math.prod(x.shape[a] for a in axes), jnp.float32)
-        count = jnp.broadcast_to(count, _kept_shape(x.shape, axes))
-        valid = None
-    else:
-        mask = jnp.broadcast_to(mask, x.shape)
-        count = jnp.sum(mask, axis=axes, keepdims=True, dtype=jnp.float32)
-        valid = mask
-
-    def masked(values):
-        return values if valid is None else jnp.where(valid, values, jnp.zeros((), values.dtype))
-
-    def real_dtype_count(c):
-        return c.astype(jnp.zeros((), sdtype).real.dtype)
-
-    if not use_mean:
-        shift = None
-        s1 = None
-        s2 = jnp.sum(masked(abs_sq(x)), axis=axes, keepdims=True)
-    elif use_fast_variance:
-        shift = None
-        s1 = jnp.sum(masked(x), axis=axes, keepdims=True)
-        s2 = jnp.sum(masked(abs_sq(x)), axis=axes, keepdims=True)
-    else:
-        if valid is None:
-            shift = _first_element(x, axes)
-        else:
-            shift = jnp.sum(masked(x), axis=axes, keepdims=True) / jnp.maximum(real_dtype_count(count), 1)
-        shift = jax.lax.stop_gradient(shift)
-        centered = masked(x - shift)
-        s1 = jnp.sum(centered, axis=axes, keepdims=True)
-        s2 = jnp.sum(abs_sq(centered), axis=axes, keepdims=True)
-
+    x = x.astype(stats_dtype(x.dtype, dtype))
+    sums = _local_sums(x, tuple(sorted(axes)), mask, use_mean, use_fast_variance)
     if axis_name is not None:
-        count, shift, s1, s2 = _combine_across_devices(
-            count, shift, s1, s2, axis_name, axis_index_groups
-        )
+        sums = _combine_across_devices(sums, axis_name, axis_index_groups)
+    return _finalize(sums, mask is not None)
 
-    n = jnp.maximum(real_dtype_count(count), 1)
-    var = s2 / n
-    if s1 is None:
-        delta = None
-    else:
-        delta = s1 / n
-        # E[|x-k|^2] - |E[x-k]|^2 can round below zero.
-        var = jnp.maximum(var - abs_sq(delta), 0)
-    return Moments(shift=shift, delta=delta, var=var, count=None if mask is None else count)
+
+def compute_group_moments(
+    x: jax.Array,
+    feature_axis: int,
+    num_groups: int,
+    axes: Sequence[int],
+    *,
+    mask: Optional[jax.Array] = None,
+    use_fast_variance: bool = False,
+    axis_name=None,
+    axis_index_groups=None,
+    dtype=None,
+) -> Moments:
+    """Moments of channel groups, returned per channel (each channel carries its group's).
+
+    The channels along ``feature_axis`` form ``num_groups`` consecutive groups;
+    ``axes`` (non-negative, containing ``feature_axis``) are reduced. The
+    input is reduced per channel first (a reduction that keeps the channel
+    axis, which XLA's CPU backend runs far faster than one over a split
+    ``(groups, group_size)`` axis), then the small per-channel sums are merged
+    within each group.
+    """
+    x = x.astype(stats_dtype(x.dtype, dtype))
+    per_channel_axes = tuple(sorted(a for a in axes if a != feature_axis))
+    sums = _local_sums(x, per_channel_axes, mask, True, use_fast_variance)
+    channels = x.shape[feature_axis]
+    grouped_shape = x.shape[:feature_axis] + (num_groups, channels // num_groups) + x.shape[feature_axis + 1:]
+
+    def split(value):
+        if value is None:
+            return None
+        kept = _kept_shape(grouped_shape, [a if a < feature_axis else a + 1 for a in per_channel_axes])
+        return jnp.reshape(jnp.broadcast_to(value, _kept_shape(x.shape, per_channel_axes)), kept)
+
+    sums = _merge(_Sums(*(split(v) for v in sums)), feature_axis + 1)
+    if axis_name is not None:
+        sums = _combine_across_devices(sums, axis_name, axis_index_groups)
+    moments = _finalize(sums, mask is not None)
+
+    def per_channel(value):
+        if value is None:
+            return None
+        full = value.shape[:feature_axis + 1] + (channels // num_groups,) + value.shape[feature_axis + 2:]
+        return jnp.reshape(jnp.broadcast_to(value, full), value.shape[:feature_axis] + (channels,) + value.shape[feature_axis + 2:])
+
+    return Moments(*(per_channel(v) for v in moments))
+
+
+def _first_element(x, axes):
+    """The element at index 0 of every reduced axis, reduced axes kept."""
+    index = tuple(slice(0, 1) if i in axes else slice(None) for i in range(x.ndim))
+    return x[index]
 
 
 def _kept_shape(shape, axes):
@@ -187,18 +300,23 @@ def _gather(value, name, axis_index_groups):
     return jax.lax.all_gather(value, name, axis_index_groups=axis_index_groups)
 
 
-def _combine_across_devices(count, shift, s1, s2, axis_name, axis_index_groups):
-    """Exact global sums over the named axis with a single collective."""
+def _combine_across_devices(sums: _Sums, axis_name, axis_index_groups) -> _Sums:
+    """Exact global sums over the named axis with a single collective.
+
+    Unshifted sums are added with one ``psum``; shifted ones are gathered with
+    one ``all_gather`` and merged like groups (:func:`_merge`).
+    """
+    count, shift, s1, s2 = sums
     if shift is None:
         parts = [count.astype(s2.dtype)] + ([s1] if s1 is not None else []) + [s2]
         if any(jnp.iscomplexobj(p) for p in parts):
             parts = [p.astype(jnp.result_type(*parts)) for p in parts]
         stacked = jax.lax.psum(jnp.stack(parts), axis_name, axis_index_groups=axis_index_groups)
-        count = stacked[0].real.astype(jnp.float32)
+        count = stacked[0].real.astype(count.dtype)
         s2 = stacked[-1].real.astype(s2.dtype) if not jnp.iscomplexobj(s2) else stacked[-1]
         if s1 is not None:
             s1 = stacked[1].astype(s1.dtype)
-        return count, shift, s1, s2
+        return _Sums(count, shift, s1, s2)
 
     common = jnp.result_type(s1, shift)
     parts = jnp.stack([count.astype(common), shift.astype(common), s1.astype(common), s2.astype(common)])
@@ -206,18 +324,13 @@ def _combine_across_devices(count, shift, s1, s2, axis_name, axis_index_groups):
     for name in _as_tuple_name(axis_name):
         gathered = _gather(gathered, name, axis_index_groups)
         gathered = gathered.reshape((-1,) + parts.shape)
-    n_i = gathered[:, 0].real
-    k_i = gathered[:, 1]
-    s1_i = gathered[:, 2]
-    s2_i = gathered[:, 3].real
-    total = jnp.sum(n_i, axis=0)
-    # A common shift inside the data: the count-weighted mean of the local shifts.
-    k = jnp.sum(n_i * k_i, axis=0) / jnp.maximum(total, 1)
-    k = jax.lax.stop_gradient(k)
-    e_i = jax.lax.stop_gradient(k_i - k)
-    s1 = jnp.sum(s1_i + n_i * e_i, axis=0)
-    s2 = jnp.sum(s2_i + 2 * jnp.real(jnp.conj(e_i) * s1_i) + n_i * abs_sq(e_i), axis=0)
-    return total.astype(jnp.float32), k.astype(shift.dtype), s1.astype(shift.dtype), s2.astype(jnp.real(shift).dtype)
+    merged = _merge(
+        _Sums(gathered[:, 0].real, gathered[:, 1], gathered[:, 2], gathered[:, 3].real), axis=0
+    )
+    return _Sums(
+        merged.count[0].astype(count.dtype), merged.shift[0].astype(shift.dtype),
+        merged.s1[0].astype(s1.dtype), merged.s2[0].astype(s2.dtype),
+    )
 
 
 def inverse_std(moments: Moments, epsilon):

@@ -231,9 +231,9 @@ class SpectralNorm(_RunningStatistics, _WeightWrapper):
     >>> sn = brainnorm.SpectralNorm(brainstate.nn.Linear(4, 3), n_steps=5)
     >>> with brainstate.environ.context(fit=True):
     ...     y = sn(jnp.ones((2, 4)))
-    >>> w = sn.normalized_weight()
-    >>> round(float(jnp.linalg.svd(w, compute_uv=False)[0]), 3)
-    1.0
+    >>> sigma = jnp.linalg.svd(sn.normalized_weight(), compute_uv=False)[0]
+    >>> bool(abs(sigma - 1.0) < 1e-2)   # largest singular value of the used weight
+    True
     """
 
     def __init__(self, layer, *, weight_name="weight", n_steps=1, epsilon=1e-12, axis=-1,

@@ -25,7 +25,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import _units
-from ._stats import Moments, apply_moments, compute_moments, default_epsilon, output_dtype, stats_dtype
+from ._stats import (
+    Moments,
+    apply_moments,
+    compute_group_moments,
+    compute_moments,
+    default_epsilon,
+    output_dtype,
+    stats_dtype,
+)
 from ._validation import canonical_axes, check_epsilon, check_mask, check_momentum, check_positive_int
 
 __all__ = [
@@ -113,15 +121,6 @@ def _running_update(old_mean, old_var, batch_mean, batch_var, count, momentum, u
     return new_mean, new_var
 
 
-def _grouped(x, feature_axis, num_groups):
-    """Split ``feature_axis`` of shape ``C`` into ``(num_groups, C // num_groups)``."""
-    shape = x.shape
-    channels = shape[feature_axis]
-    if channels == 1 and num_groups != 1:  # a broadcast mask axis
-        return x.reshape(shape[:feature_axis] + (1, 1) + shape[feature_axis + 1:])
-    return x.reshape(shape[:feature_axis] + (num_groups, channels // num_groups) + shape[feature_axis + 1:])
-
-
 def _group_norm_over(
     owner,
     x,
@@ -142,39 +141,16 @@ def _group_norm_over(
     """Group normalization of the array ``x``; axes are non-negative on ``x``.
 
     ``reduction_axes`` must contain ``feature_axis`` (the group's channels).
-    ``scale`` and ``bias`` broadcast against ``x``.
+    ``scale`` and ``bias`` broadcast against ``x``. Returns ``(y, moments)``.
     """
-    grouped_x = _grouped(x, feature_axis, num_groups)
-    # In the grouped shape, the group-channel axis sits at feature_axis + 1.
-    grouped_axes = [a if a < feature_axis else a + 1 for a in reduction_axes]
-    if mask is not None:
-        mask = jnp.reshape(mask, (1,) * (x.ndim - mask.ndim) + mask.shape)
-        mask = _grouped(mask, feature_axis, num_groups)
-
-    def grouped_param(p):
-        if p is None:
-            return None
-        p_m, p_unit = _units.split(p)
-        p_m = jnp.asarray(p_m)
-        p_m = jnp.reshape(p_m, (1,) * (x.ndim - p_m.ndim) + p_m.shape)
-        return _units.attach(_grouped(p_m, feature_axis, num_groups), p_unit)
-
-    y, stats = _normalize_over(
-        owner,
-        grouped_x,
-        grouped_axes,
-        scale=grouped_param(scale),
-        bias=grouped_param(bias),
-        epsilon=epsilon,
-        mask=mask,
-        use_fast_variance=use_fast_variance,
-        axis_name=axis_name,
-        axis_index_groups=axis_index_groups,
-        dtype=dtype,
-        unit=unit,
+    eps = _units.epsilon_value(owner, epsilon, unit)
+    scale_m, bias_m, out_unit = _units.affine_units(owner, scale, bias)
+    stats = compute_group_moments(
+        x, feature_axis, num_groups, reduction_axes, mask=mask, use_fast_variance=use_fast_variance,
+        axis_name=axis_name, axis_index_groups=axis_index_groups,
     )
-    y_m, y_unit = _units.split(y)
-    return _units.attach(jnp.reshape(y_m, x.shape), y_unit), stats
+    y = apply_moments(x, stats, epsilon=eps, scale=scale_m, bias=bias_m, out_dtype=output_dtype(x.dtype, dtype))
+    return _units.attach(y, out_unit), stats
 
 
 def _local_response_norm(x, size, alpha, beta, k, feature_axis, mask=None, dtype=None):

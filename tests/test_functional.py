@@ -202,7 +202,11 @@ def test_layer_norm(rng, case, fast):
     mask = random_mask(rng, mshape)
     scale, bias = _affine(rng, pshape)
     y = jit_call(F.layer_norm, x, scale, bias, reduction_axes=axes, epsilon=1e-5, mask=mask, use_fast_variance=fast)
-    assert_close(y, ref.normalize(x, axes, mask, 1e-5, scale, bias))
+    # The one-pass variance E[x^2] - E[x]^2 (flax parity) loses about mean^2 * ulp; for groups of
+    # one or two valid elements, whose variance is near 0, that shows at 1e-5 after dividing by
+    # sqrt(var + 1e-5). The robust default keeps the tight tolerance.
+    tolerance = 1e-4 if fast else ATOL
+    assert_close(y, ref.normalize(x, axes, mask, 1e-5, scale, bias), atol=tolerance, rtol=tolerance)
 
 
 @pytest.mark.parametrize("case", NORM_CASES[:3], ids=_norm_id)
