@@ -52,6 +52,39 @@ import traceback
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+
+def _pin_allocator():
+    """Make glibc's malloc reuse freed buffers instead of mapping fresh pages.
+
+    JAX (like PyTorch) allocates every output with the C allocator. Under
+    glibc's defaults whether a 16 MiB output lands on pages already mapped or
+    on freshly mapped ones depends on the history of earlier calls (the
+    dynamic mmap threshold, heap trimming, one arena per thread): in the
+    second case each call takes 4096 page faults, about 9 ms on the
+    development machine, for a kernel that takes 0.6 ms. Which implementation
+    hit that depended on the order of the cases, so the ratios measured the
+    allocator. With one arena, a fixed 32 MiB mmap threshold and no trimming,
+    every implementation reuses its buffers after warm-up (0 faults per call).
+    Set ``BRAINNORM_BENCH_MALLOC=default`` to measure with glibc's defaults.
+    Must run before any large allocation; a no-op where glibc is absent.
+    """
+    if os.environ.get("BRAINNORM_BENCH_MALLOC", "pinned") != "pinned":
+        return "default"
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_threshold, m_arena_max = -1, -3, -8
+        ok = (libc.mallopt(m_arena_max, 1) == 1
+              and libc.mallopt(m_mmap_threshold, 32 << 20) == 1
+              and libc.mallopt(m_trim_threshold, 1 << 30) == 1)
+    except (OSError, AttributeError):
+        return "default (no glibc)"
+    return "pinned" if ok else "default (mallopt refused)"
+
+
+MALLOC = _pin_allocator()
+
 import numpy as np  # noqa: E402
 
 import brainstate  # noqa: E402
@@ -775,6 +808,7 @@ def machine_info():
         "machine": platform.machine(),
         "cpu_model": cpu_model,
         "cpu_count": os.cpu_count(),
+        "malloc": MALLOC,
         "cpus_available": affinity,
         "python": platform.python_version(),
         "jax": jax.__version__,
@@ -1051,7 +1085,7 @@ def main(argv=None):
     sh = shapes(args.quick)
     machine = machine_info()
     print(f"brainnorm benchmarks ({'quick' if args.quick else 'full'}): {args.rounds} rounds x {args.runs} runs, "
-          f"warm-up {args.warmup}; {machine['cpu_model']}, {machine['cpus_available']} CPUs; "
+          f"warm-up {args.warmup}, allocator {machine['malloc']}; {machine['cpu_model']}, {machine['cpus_available']} CPUs; "
           f"jax {machine['jax']}, flax {machine['flax']}, brainstate {machine['brainstate']}, torch {machine['torch']}",
           flush=True)
     rows = []
