@@ -28,6 +28,16 @@ multiply-add), so shifts are stored data values wherever possible: the
 element itself, and when groups or devices are merged, the shift of the
 member with the most valid elements.
 
+When the shift is not needed. Reductions of ``x - k`` are several times
+slower than reductions of ``x`` on XLA's CPU backend, and most data are
+centred enough for the one-pass sums: ``_local_sums`` first computes the sums
+of ``x`` and ``|x|^2`` and keeps them when every group satisfies
+``|mean| <= 2 std`` (then ``E[x^2] - E[x]^2`` loses at most a factor 5 of
+the sums' precision; relative variance error about 1e-6 in float32). Any other
+group, or a non-finite sum, sends the whole call through the shifted sums (one
+``lax.cond``; under ``vmap`` it becomes a select and both are computed). The
+one-pass branch returns a shift of 0, so everything downstream is the same.
+
 * ``k`` is held constant under differentiation (``stop_gradient``): the
   moments are exact functions of ``x`` for any fixed ``k``, so gradients are
   exact and the backward pass does not differentiate through the shift.
@@ -146,19 +156,51 @@ def _local_sums(x, axes, mask, use_mean, use_fast_variance) -> _Sums:
 
     if not use_mean:
         return _Sums(count, None, None, total(abs_sq(valid_x)))
+    s1, s2 = total(valid_x), total(abs_sq(valid_x))
     if use_fast_variance:
-        return _Sums(count, None, total(valid_x), total(abs_sq(valid_x)))
-    if weight is None:
-        # One of the group's own values: it needs no arithmetic, so every fusion
-        # XLA evaluates it in sees the same number, and because it belongs to
-        # the group, (shift - mean)^2 <= n var bounds the cancellation.
-        shift = jax.lax.stop_gradient(_first_element(valid_x, axes))
-        centered = valid_x - shift
-    else:
-        # The first element may be padding: shift by the masked mean instead.
-        shift = jax.lax.stop_gradient(total(valid_x) * _reciprocal(count))
-        centered = (valid_x - shift) * weight
-    return _Sums(count, shift, total(centered), total(abs_sq(centered)))
+        return _Sums(count, None, s1, s2)
+
+    def shifted_sums():
+        if weight is None:
+            # One of the group's own values: it needs no arithmetic, so every
+            # fusion XLA evaluates it in sees the same number, and because it
+            # belongs to the group, (shift - mean)^2 <= n var bounds the
+            # cancellation.
+            shift = jax.lax.stop_gradient(_first_element(valid_x, axes))
+            centered = valid_x - shift
+        else:
+            # The first element may be padding: shift by the masked mean instead.
+            shift = jax.lax.stop_gradient(s1 * _reciprocal(count))
+            centered = (valid_x - shift) * weight
+        return shift, total(centered), total(abs_sq(centered))
+
+    def one_pass_sums():
+        return jnp.zeros_like(s1), s1, s2
+
+    # The one-pass sums cost one read of x; XLA's CPU backend runs reductions
+    # of a shifted x several times slower, as a separate kernel. When every
+    # group's |mean| is within 2 standard deviations, the one-pass variance is
+    # as accurate as the shifted one (relative error ~1e-6 in float32), so the
+    # shifted sums are only computed when some group needs them.
+    shift, s1, s2 = jax.lax.cond(_one_pass_is_accurate(count, s1, s2), one_pass_sums, shifted_sums)
+    return _Sums(count, shift, s1, s2)
+
+
+# |mean| <= 2 std, written as var >= mean^2 / 4: the one-pass variance
+# E[x^2] - E[x]^2 then loses at most a factor 1 + 4 = 5 of the precision of the
+# sums (measured: relative error <= 1.2e-6 for float32 groups of 1e3 to 3e4
+# elements).
+_ONE_PASS_RATIO = 0.25
+
+
+def _one_pass_is_accurate(count, s1, s2):
+    """True when the unshifted sums give every group's variance accurately (a traced scalar)."""
+    n = jnp.maximum(count.astype(jnp.real(s2).dtype), 1)
+    mean_sq = abs_sq(s1 / n)
+    var = s2 / n - mean_sq
+    # Written so that nan or inf anywhere (overflowing squares, non-finite data)
+    # selects the shifted sums.
+    return jnp.all(jnp.isfinite(s2) & (var >= _ONE_PASS_RATIO * mean_sq))
 
 
 def _merge(sums: _Sums, axis: int) -> _Sums:

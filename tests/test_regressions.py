@@ -120,6 +120,71 @@ def test_fast_variance_large_offset_is_inaccurate(offset_data):
     assert max_error(robust, reference) < 1e-4
 
 
+def _relative_variance_error(x, mask=None):
+    _, var = jax.jit(lambda v, m: F.moments(v, -1, mask=m))(x, mask)
+    _, r_var, _ = ref.moments(x, -1, mask)
+    return float(np.max(np.abs(np.asarray(var, np.float64) - r_var) / r_var))
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["unmasked", "masked"])
+@pytest.mark.parametrize("ratio", [0.0, 1.0, 1.9, 2.1, 8.0, 1e3])
+def test_default_variance_is_accurate_on_both_sides_of_the_one_pass_guard(rng, ratio, masked):
+    """|mean| / std just below 2 uses the one-pass sums, just above it the shifted ones: both stay accurate."""
+    from brainnorm._stats import _one_pass_is_accurate
+
+    z = rng.standard_normal((256, 1024))
+    z = (z - z.mean(-1, keepdims=True)) / z.std(-1, keepdims=True)
+    x = (3.0 * ratio + 3.0 * z).astype(np.float32)
+    mask = rng.random(x.shape) < 0.8 if masked else None
+    assert _relative_variance_error(x, mask) < 2e-6
+    # the guard's decision, from the sums the core computes
+    valid = x if mask is None else np.where(mask, x, 0)
+    count = np.full((256, 1), 1024.0) if mask is None else mask.sum(-1, keepdims=True).astype(np.float64)
+    s1 = jnp.asarray(valid.sum(-1, keepdims=True, dtype=np.float32))
+    s2 = jnp.asarray(np.square(valid).sum(-1, keepdims=True, dtype=np.float32))
+    if not masked:
+        assert bool(_one_pass_is_accurate(jnp.asarray(count, jnp.float32), s1, s2)) == (ratio < 2)
+
+
+def test_one_pass_guard_rejects_non_finite_sums():
+    from brainnorm._stats import _one_pass_is_accurate
+
+    count = jnp.full((2, 1), 4.0)
+    finite = jnp.asarray([[0.0], [0.0]]), jnp.asarray([[4.0], [4.0]])
+    assert bool(_one_pass_is_accurate(count, *finite))
+    for bad in (np.inf, np.nan):
+        s2 = jnp.asarray([[4.0], [bad]])
+        assert not bool(_one_pass_is_accurate(count, finite[0], s2))
+
+
+def test_one_ill_conditioned_group_makes_every_group_exact(rng):
+    """One offset row among well-conditioned ones: the whole call takes the shifted sums."""
+    x = rng.standard_normal((32, 256)).astype(np.float32)
+    x[7] += 1e4
+    y = jax.jit(lambda v: F.layer_norm(v))(x)
+    assert max_error(y, ref.normalize(x, -1, None, 1e-6)) < 1e-4
+
+
+def test_one_pass_guard_under_vmap_matches_reference(rng):
+    """Under vmap the guard is per example (the branches become a select): every example stays exact."""
+    x = rng.standard_normal((4, 16, 128)).astype(np.float32)
+    x[1] += 1e4
+    x[3] += 5.0
+    y = jax.jit(jax.vmap(lambda v: F.layer_norm(v)))(x)
+    assert max_error(y, ref.normalize(x, -1, None, 1e-6)) < 1e-4
+
+
+@pytest.mark.parametrize("offset", [0.0, 1e3], ids=["one-pass", "shifted"])
+def test_layernorm_gradients_on_both_sides_of_the_one_pass_guard(rng, offset):
+    from . import reference_training as reft
+
+    x = (offset + rng.standard_normal((8, 64))).astype(np.float32)
+    w = rng.standard_normal(x.shape).astype(np.float32)
+    dx = jax.grad(lambda v: jnp.sum(F.layer_norm(v) * w))(jnp.asarray(x))
+    expected, _ = reft.normalize_vjp(x, w, (-1,), 1e-6)
+    assert max_error(dx, expected) < 1e-4
+
+
 # ---------------------------------------------------------------------------
 # 2. Fully masked rows: NaN outputs and NaN gradients
 # ---------------------------------------------------------------------------
