@@ -84,6 +84,9 @@ def _pin_allocator():
 
 
 MALLOC = _pin_allocator()
+# PyTorch's OpenMP workers otherwise spin for a while after each call, on the
+# same cores the next (JAX) implementation of the interleaved round runs on.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np  # noqa: E402
 
@@ -809,6 +812,7 @@ def machine_info():
         "cpu_model": cpu_model,
         "cpu_count": os.cpu_count(),
         "malloc": MALLOC,
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "cpus_available": affinity,
         "python": platform.python_version(),
         "jax": jax.__version__,

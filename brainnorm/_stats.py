@@ -56,6 +56,7 @@ exact when devices hold different numbers of valid elements.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 from typing import NamedTuple, Optional, Sequence
@@ -156,9 +157,24 @@ def _local_sums(x, axes, mask, use_mean, use_fast_variance) -> _Sums:
 
     if not use_mean:
         return _Sums(count, None, None, total(abs_sq(valid_x)))
-    s1, s2 = total(valid_x), total(abs_sq(valid_x))
     if use_fast_variance:
-        return _Sums(count, None, s1, s2)
+        return _Sums(count, None, total(valid_x), total(abs_sq(valid_x)))
+    shift, s1, s2 = _robust_sums(valid_x, weight, count, axes)
+    return _Sums(count, shift, s1, s2)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(3,))
+def _robust_sums(valid_x, weight, count, axes):
+    """``(shift, sum(x - shift), sum(|x - shift|^2))`` over ``axes`` (kept), valid elements only.
+
+    ``weight`` is None or the float mask (``valid_x`` is 0 at padding);
+    ``count`` the valid count per group.
+    """
+
+    def total(values):
+        return jnp.sum(values, axis=axes, keepdims=True)
+
+    s1, s2 = total(valid_x), total(abs_sq(valid_x))
 
     def shifted_sums():
         if weight is None:
@@ -166,12 +182,11 @@ def _local_sums(x, axes, mask, use_mean, use_fast_variance) -> _Sums:
             # fusion XLA evaluates it in sees the same number, and because it
             # belongs to the group, (shift - mean)^2 <= n var bounds the
             # cancellation.
-            shift = jax.lax.stop_gradient(_first_element(valid_x, axes))
-            centered = valid_x - shift
+            shift = _first_element(valid_x, axes)
         else:
             # The first element may be padding: shift by the masked mean instead.
-            shift = jax.lax.stop_gradient(s1 * _reciprocal(count))
-            centered = (valid_x - shift) * weight
+            shift = s1 * _reciprocal(count)
+        centered = _centered(valid_x, weight, shift)
         return shift, total(centered), total(abs_sq(centered))
 
     def one_pass_sums():
@@ -182,8 +197,28 @@ def _local_sums(x, axes, mask, use_mean, use_fast_variance) -> _Sums:
     # group's |mean| is within 2 standard deviations, the one-pass variance is
     # as accurate as the shifted one (relative error ~1e-6 in float32), so the
     # shifted sums are only computed when some group needs them.
-    shift, s1, s2 = jax.lax.cond(_one_pass_is_accurate(count, s1, s2), one_pass_sums, shifted_sums)
-    return _Sums(count, shift, s1, s2)
+    return jax.lax.cond(_one_pass_is_accurate(count, s1, s2), one_pass_sums, shifted_sums)
+
+
+def _centered(valid_x, weight, shift):
+    centered = valid_x - shift
+    return centered if weight is None else centered * weight
+
+
+@_robust_sums.defjvp
+def _robust_sums_jvp(axes, primals, tangents):
+    # Both branches compute the same moments and the shift is a constant, so
+    # the derivative is that of the shifted sums for whichever shift was
+    # used: sum(dx) and sum(2 Re(conj(x - shift) dx)). Written here, outside
+    # the cond, so reverse mode differentiates plain sums instead of carrying
+    # residuals of both branches through the cond.
+    valid_x, weight, count = primals
+    d_x = tangents[0]
+    shift, s1, s2 = _robust_sums(valid_x, weight, count, axes)
+    centered = _centered(valid_x, weight, shift)
+    d_s1 = jnp.sum(d_x, axis=axes, keepdims=True)
+    d_s2 = jnp.sum(2 * jnp.real(jnp.conj(centered) * d_x), axis=axes, keepdims=True)
+    return (shift, s1, s2), (jnp.zeros_like(shift), d_s1, d_s2.astype(s2.dtype))
 
 
 # |mean| <= 2 std, written as var >= mean^2 / 4: the one-pass variance
