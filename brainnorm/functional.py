@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import _units
+from . import _cpu, _units
 from ._stats import (
     Moments,
     apply_moments,
@@ -86,19 +86,47 @@ def _normalize_over(
         epsilon = default_epsilon(x.dtype)
     eps = _units.epsilon_value(owner, epsilon, unit)
     scale_m, bias_m, out_unit = _units.affine_units(owner, scale, bias)
-    stats = compute_moments(
-        x,
-        axes,
-        mask=mask,
-        use_mean=use_mean,
-        use_fast_variance=use_fast_variance,
-        axis_name=axis_name,
-        axis_index_groups=axis_index_groups,
-    )
-    y = apply_moments(
-        x, stats, epsilon=eps, scale=scale_m, bias=bias_m, out_dtype=output_dtype(x.dtype, dtype)
-    )
+    out_dtype = output_dtype(x.dtype, dtype)
+
+    def core():
+        stats = compute_moments(
+            x,
+            axes,
+            mask=mask,
+            use_mean=use_mean,
+            use_fast_variance=use_fast_variance,
+            axis_name=axis_name,
+            axis_index_groups=axis_index_groups,
+        )
+        return apply_moments(x, stats, epsilon=eps, scale=scale_m, bias=bias_m, out_dtype=out_dtype), stats
+
+    fused = None
+    if axis_name is None and not use_fast_variance and out_dtype == x.dtype:
+        fused = _cpu.try_normalize(
+            x, axes, scale=scale_m, bias=bias_m, epsilon=eps, mask=mask, use_mean=use_mean,
+            core=lambda: _as_kernel_outputs(*core(), axes, x.shape),
+        )
+    if fused is None:
+        y, stats = core()
+    else:
+        y, hi, lo, var, count = fused
+        stats = Moments(hi, lo, var, count if mask is not None else None) if use_mean else Moments(
+            None, None, var, count if mask is not None else None)
     return _units.attach(y, out_unit), stats
+
+
+def _as_kernel_outputs(y, stats, axes, shape):
+    """The core's ``(y, Moments)`` as the kernel's ``(y, hi, lo, var, count)`` (for other backends)."""
+    kept = tuple(1 if i in set(axes) else d for i, d in enumerate(shape))
+    var = jnp.broadcast_to(stats.var, kept)
+    zeros = jnp.zeros(kept, var.dtype)
+    shift = zeros if stats.shift is None else jnp.broadcast_to(stats.shift, kept).astype(var.dtype)
+    delta = zeros if stats.delta is None else jnp.broadcast_to(stats.delta, kept).astype(var.dtype)
+    if stats.count is None:
+        count = jnp.full(kept, math.prod(shape[a] for a in axes), var.dtype)
+    else:
+        count = jnp.broadcast_to(stats.count, kept).astype(var.dtype)
+    return y, shift, delta, var, count
 
 
 def _running_update(old_mean, old_var, batch_mean, batch_var, count, momentum, unbiased, masked):

@@ -1,0 +1,693 @@
+// Moments of float32 data in one read, for XLA's CPU backend (XLA FFI).
+//
+// The input is viewed as (B, R, C), row-major; the R axis is reduced, so the
+// statistics have shape (B, C). Leading batch dimensions added by vmap fold
+// into B: C is the last dimension of the outputs, B = outputs / C and
+// R = inputs / (B * C).
+//
+// Each group is accumulated around a shift, its first valid element: in
+// float32 over short blocks, then in double. Sums of x - shift and (x - shift)^2 then lose nothing that float32
+// data can show, at any offset, and the mean is returned as two float32 values
+// hi + lo so that ((x - hi) - lo) keeps that precision when the data are
+// normalized in float32. Groups are split into fixed chunks that are merged
+// in a fixed order (the pairwise update of Chan, Golub and LeVeque), so the
+// result does not depend on the number of threads.
+//
+// Handler brainnorm_normalize_f32(x, mask, scale, bias) -> (y, hi, lo, var, count):
+// y = ((x - hi) - lo) / sqrt(var + eps) * scale + bias, with the statistics
+// of the valid elements of each group. Attributes: centered (false: RMS, var
+// is the mean of x^2 and hi = lo = 0), masked, param_axis (1: scale and bias
+// vary along R, 2: along C), eps. A group without valid elements gets
+// inv = 0, so y = bias there.
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <condition_variable>
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+struct Acc {
+  double n = 0, k = 0, s1 = 0, s2 = 0;
+
+  // Adds another accumulator, re-expressed around this one's shift.
+  void merge(const Acc& o) {
+    if (o.n == 0) return;
+    if (n == 0) {
+      *this = o;
+      return;
+    }
+    const double d = o.k - k;
+    s2 += o.s2 + 2 * d * o.s1 + o.n * d * d;
+    s1 += o.s1 + o.n * d;
+    n += o.n;
+  }
+};
+
+// Groups are summed in blocks of kBlock elements (per column for C > 1):
+// each block is shifted by its own float32 mean, summed in float32 at SIMD
+// width (the block is in L1 for the second pass), and blocks are merged in
+// double. The block mean is an ordinary float: the shift only has to be
+// close to the data, not exact.
+constexpr int64_t kBlock = 256;
+
+// Elements [i0, i1) of a contiguous group (stride 1).
+Acc block_moments(const float* x, const bool* m, int64_t i0, int64_t i1, bool centered) {
+  Acc a;
+  float n = 0, s = 0;
+  if (m == nullptr) {
+    n = static_cast<float>(i1 - i0);
+    if (centered) {
+#pragma omp simd reduction(+ : s)
+      for (int64_t i = i0; i < i1; ++i) s += x[i];
+    }
+  } else {
+#pragma omp simd reduction(+ : s, n)
+    for (int64_t i = i0; i < i1; ++i) {
+      const bool v = m[i];
+      s += v ? x[i] : 0.0f;
+      n += v ? 1.0f : 0.0f;
+    }
+  }
+  if (n == 0) return a;
+  const float k = centered ? s / n : 0.0f;
+  float t1 = 0, t2 = 0;
+  if (m == nullptr) {
+#pragma omp simd reduction(+ : t1, t2)
+    for (int64_t i = i0; i < i1; ++i) {
+      const float d = x[i] - k;
+      t1 += d;
+      t2 += d * d;
+    }
+  } else {
+#pragma omp simd reduction(+ : t1, t2)
+    for (int64_t i = i0; i < i1; ++i) {
+      const float d = m[i] ? x[i] - k : 0.0f;
+      t1 += d;
+      t2 += d * d;
+    }
+  }
+  a.n = n;
+  a.k = k;
+  a.s1 = t1;
+  a.s2 = t2;
+  return a;
+}
+
+Acc row_moments(const float* x, const bool* m, int64_t r, bool centered) {
+  Acc a;
+  for (int64_t i0 = 0; i0 < r; i0 += kBlock) a.merge(block_moments(x, m, i0, std::min(r, i0 + kBlock), centered));
+  return a;
+}
+
+// Rows [r0, r1) of an (R, C) block: one accumulator per column, merged into out.
+void column_moments(const float* x, const bool* m, int64_t r0, int64_t r1, int64_t c, bool centered,
+                    Acc* out) {
+  std::vector<float> k(c), t1(c), t2(c), tn(c);
+  float* kp = k.data();
+  float* t1p = t1.data();
+  float* t2p = t2.data();
+  float* tnp = tn.data();
+  const int64_t rows_per_block = std::max<int64_t>(1, kBlock / 8);
+  for (int64_t b0 = r0; b0 < r1; b0 += rows_per_block) {
+    const int64_t b1 = std::min(r1, b0 + rows_per_block);
+    std::fill(t1.begin(), t1.end(), 0.0f);
+    std::fill(t2.begin(), t2.end(), 0.0f);
+    std::fill(tn.begin(), tn.end(), 0.0f);
+    // first pass: block sums (the shift) and counts
+    for (int64_t r = b0; r < b1; ++r) {
+      const float* __restrict__ xr = x + r * c;
+      if (m == nullptr) {
+        if (centered) {
+#pragma omp simd
+          for (int64_t j = 0; j < c; ++j) t1p[j] += xr[j];
+        }
+      } else {
+        const bool* __restrict__ mr = m + r * c;
+#pragma omp simd
+        for (int64_t j = 0; j < c; ++j) {
+          t1p[j] += mr[j] ? xr[j] : 0.0f;
+          tnp[j] += mr[j] ? 1.0f : 0.0f;
+        }
+      }
+    }
+    if (m == nullptr) std::fill(tn.begin(), tn.end(), static_cast<float>(b1 - b0));
+    for (int64_t j = 0; j < c; ++j) kp[j] = (centered && tnp[j] > 0) ? t1p[j] / tnp[j] : 0.0f;
+    std::fill(t1.begin(), t1.end(), 0.0f);
+    // second pass: shifted sums
+    for (int64_t r = b0; r < b1; ++r) {
+      const float* __restrict__ xr = x + r * c;
+      if (m == nullptr) {
+#pragma omp simd
+        for (int64_t j = 0; j < c; ++j) {
+          const float d = xr[j] - kp[j];
+          t1p[j] += d;
+          t2p[j] += d * d;
+        }
+      } else {
+        const bool* __restrict__ mr = m + r * c;
+#pragma omp simd
+        for (int64_t j = 0; j < c; ++j) {
+          const float d = mr[j] ? xr[j] - kp[j] : 0.0f;
+          t1p[j] += d;
+          t2p[j] += d * d;
+        }
+      }
+    }
+    for (int64_t j = 0; j < c; ++j) {
+      Acc blk;
+      blk.n = tnp[j];
+      blk.k = kp[j];
+      blk.s1 = t1p[j];
+      blk.s2 = t2p[j];
+      out[j].merge(blk);
+    }
+  }
+}
+
+// Runs fn(i) for i in [0, tasks) on the intra-op thread pool and the calling
+// thread. Work is claimed from a shared counter, so tasks that start late
+// find nothing left; the caller waits only for claimed work.
+template <typename F>
+void parallel_for(ffi::ThreadPool& pool, int64_t tasks, F fn) {
+  const int64_t threads = std::min<int64_t>(std::max<int64_t>(pool.num_threads(), 1), tasks);
+  if (threads <= 1) {
+    for (int64_t i = 0; i < tasks; ++i) fn(i);
+    return;
+  }
+  struct State {
+    std::atomic<int64_t> next{0};
+    int64_t done = 0;
+    std::mutex mu;
+    std::condition_variable cv;
+  };
+  auto state = std::make_shared<State>();
+  // Helpers touch fn only while they hold claimed work, and the caller waits
+  // until all claimed work is done, so fn (on the caller's stack) outlives
+  // every use; a helper that starts late finds nothing and touches only state.
+  auto work = [state, tasks, &fn]() {
+    int64_t mine = 0;
+    for (int64_t i; (i = state->next.fetch_add(1)) < tasks; ++mine) fn(i);
+    if (mine > 0) {
+      std::lock_guard<std::mutex> lock(state->mu);
+      state->done += mine;
+      if (state->done == tasks) state->cv.notify_all();
+    }
+  };
+  for (int64_t t = 1; t < threads; ++t) pool.Schedule(decltype(work)(work));
+  work();
+  std::unique_lock<std::mutex> lock(state->mu);
+  state->cv.wait(lock, [&] { return state->done == tasks; });
+}
+
+constexpr int64_t kChunkElements = 1 << 15;  // elements per task
+
+struct Shape {
+  int64_t b, r, c;  // groups along B and C; R is reduced
+};
+
+// Statistics of every (b, c) group, in a fixed order of merges.
+std::vector<Acc> group_moments(ffi::ThreadPool& pool, const float* x, const bool* mask, const Shape& s,
+                               bool centered) {
+  std::vector<Acc> acc(static_cast<size_t>(s.b * s.c));
+  if (s.c == 1) {
+    const int64_t per_task = std::max<int64_t>(1, kChunkElements / std::max<int64_t>(s.r, 1));
+    const int64_t tasks = (s.b + per_task - 1) / per_task;
+    parallel_for(pool, tasks, [&](int64_t t) {
+      const int64_t end = std::min(s.b, (t + 1) * per_task);
+      for (int64_t g = t * per_task; g < end; ++g) {
+        acc[g] = row_moments(x + g * s.r, mask ? mask + g * s.r : nullptr, s.r, centered);
+      }
+    });
+    return acc;
+  }
+  const int64_t rows_per_chunk = std::max<int64_t>(1, kChunkElements / s.c);
+  const int64_t chunks = std::max<int64_t>(1, (s.r + rows_per_chunk - 1) / rows_per_chunk);
+  std::vector<Acc> partial(static_cast<size_t>(s.b * chunks * s.c));
+  parallel_for(pool, s.b * chunks, [&](int64_t t) {
+    const int64_t g = t / chunks, chunk = t % chunks;
+    const int64_t r0 = chunk * rows_per_chunk, r1 = std::min(s.r, r0 + rows_per_chunk);
+    const int64_t offset = g * s.r * s.c;
+    column_moments(x + offset, mask ? mask + offset : nullptr, r0, r1, s.c, centered,
+                   partial.data() + t * s.c);
+  });
+  for (int64_t g = 0; g < s.b; ++g) {
+    for (int64_t chunk = 0; chunk < chunks; ++chunk) {
+      const Acc* p = partial.data() + (g * chunks + chunk) * s.c;
+      for (int64_t j = 0; j < s.c; ++j) acc[g * s.c + j].merge(p[j]);
+    }
+  }
+  return acc;
+}
+
+// y = ((x - hi) - lo) * inv * scale + bias over the whole array; the affine
+// parameters vary along R (param_axis 1) or C (param_axis 2), one row of them
+// per leading batch block of `groups_per_param_row` groups along B.
+struct Affine {
+  const float* scale;  // nullptr: 1
+  const float* bias;   // nullptr: 0
+  int64_t axis;        // 1: along R, 2: along C
+  int64_t len;         // R or C
+  int64_t scale_rows, bias_rows, b_inner;
+};
+
+ffi::Error normalize_impl(ffi::ThreadPool pool, ffi::AnyBuffer x, const bool* mask, const Affine& aff_in,
+                          bool centered, float eps, float* y, float* hp, float* lp, float* vp, float* count) {
+  const auto dims = x.dimensions();
+  if (dims.size() < 3) return ffi::Error::InvalidArgument("brainnorm normalize: input must be (..., B, R, C)");
+  const int64_t rank = static_cast<int64_t>(dims.size());
+  Shape s{1, dims[rank - 2], dims[rank - 1]};
+  for (int64_t i = 0; i < rank - 2; ++i) s.b *= dims[i];
+  const float* xp = x.typed_data<float>();
+  const Affine aff = aff_in;
+  // Statistics of group g into the outputs; returns inv = 1 / sqrt(var + eps).
+  auto finalize = [&](int64_t g, const Acc& a) -> float {
+    if (count != nullptr) count[g] = static_cast<float>(a.n);
+    if (a.n == 0) {
+      hp[g] = lp[g] = vp[g] = 0.0f;
+      return 0.0f;
+    }
+    const double delta = a.s1 / a.n;
+    float v;
+    if (centered) {
+      const double mean = a.k + delta;
+      const float h = static_cast<float>(mean);
+      hp[g] = h;
+      lp[g] = static_cast<float>(mean - static_cast<double>(h));
+      v = static_cast<float>(std::max(a.s2 / a.n - delta * delta, 0.0));
+    } else {
+      hp[g] = lp[g] = 0.0f;
+      v = static_cast<float>(a.s2 / a.n);
+    }
+    vp[g] = v;
+    return 1.0f / std::sqrt(v + eps);
+  };
+  auto affine_rows = [&](int64_t g, const float** sc, const float** bi) {
+    const int64_t prow = g / aff.b_inner;
+    *sc = aff.scale ? aff.scale + (aff.scale_rows > 1 ? prow * aff.len : 0) : nullptr;
+    *bi = aff.bias ? aff.bias + (aff.bias_rows > 1 ? prow * aff.len : 0) : nullptr;
+  };
+  if (s.c == 1) {
+    // Contiguous groups: statistics and output of a group in one task, the
+    // second read from cache.
+    const int64_t per_task = std::max<int64_t>(1, kChunkElements / std::max<int64_t>(s.r, 1));
+    const int64_t tasks = (s.b + per_task - 1) / per_task;
+    parallel_for(pool, tasks, [&](int64_t t) {
+      const int64_t end = std::min(s.b, (t + 1) * per_task);
+      for (int64_t g = t * per_task; g < end; ++g) {
+        const float* __restrict__ xg = xp + g * s.r;
+        float* __restrict__ yg = y + g * s.r;
+        const float iv = finalize(g, row_moments(xg, mask ? mask + g * s.r : nullptr, s.r, centered));
+        const float h = hp[g], l = lp[g];
+        const float *sc, *bi;
+        affine_rows(g, &sc, &bi);
+        if (aff.axis == 1) {
+          if (sc != nullptr && bi != nullptr) {
+#pragma omp simd
+            for (int64_t r = 0; r < s.r; ++r) yg[r] = ((xg[r] - h) - l) * iv * sc[r] + bi[r];
+            continue;
+          }
+          if (sc != nullptr) {
+#pragma omp simd
+            for (int64_t r = 0; r < s.r; ++r) yg[r] = ((xg[r] - h) - l) * iv * sc[r];
+            continue;
+          }
+          if (bi != nullptr) {
+#pragma omp simd
+            for (int64_t r = 0; r < s.r; ++r) yg[r] = ((xg[r] - h) - l) * iv + bi[r];
+            continue;
+          }
+        }
+        const float gs = sc ? sc[0] : 1.0f, gb = bi ? bi[0] : 0.0f;
+#pragma omp simd
+        for (int64_t r = 0; r < s.r; ++r) yg[r] = ((xg[r] - h) - l) * iv * gs + gb;
+      }
+    });
+    return ffi::Error::Success();
+  }
+  std::vector<Acc> acc = group_moments(pool, xp, mask, s, centered);
+  const int64_t groups = s.b * s.c;
+  std::vector<float> inv(static_cast<size_t>(groups));
+  for (int64_t g = 0; g < groups; ++g) inv[g] = finalize(g, acc[g]);
+  // second pass, over row blocks of every group
+  const int64_t rows_per_task = std::max<int64_t>(1, kChunkElements / std::max<int64_t>(s.c, 1));
+  const int64_t r_tasks = (s.r + rows_per_task - 1) / rows_per_task;
+  parallel_for(pool, s.b * r_tasks, [&](int64_t t) {
+    const int64_t g = t / r_tasks;
+    const int64_t r0 = (t % r_tasks) * rows_per_task, r1 = std::min(s.r, r0 + rows_per_task);
+    const float *sc, *bi;
+    affine_rows(g, &sc, &bi);
+    const float* hg = hp + g * s.c;
+    const float* lg = lp + g * s.c;
+    const float* ig = inv.data() + g * s.c;
+    for (int64_t r = r0; r < r1; ++r) {
+      const float* __restrict__ xr = xp + (g * s.r + r) * s.c;
+      float* __restrict__ yr = y + (g * s.r + r) * s.c;
+      if (aff.axis == 1) {
+        const float gs = sc ? sc[r] : 1.0f, gb = bi ? bi[r] : 0.0f;
+#pragma omp simd
+        for (int64_t j = 0; j < s.c; ++j) yr[j] = ((xr[j] - hg[j]) - lg[j]) * ig[j] * gs + gb;
+      } else {
+#pragma omp simd
+        for (int64_t j = 0; j < s.c; ++j) {
+          const float gs = sc ? sc[j] : 1.0f, gb = bi ? bi[j] : 0.0f;
+          yr[j] = ((xr[j] - hg[j]) - lg[j]) * ig[j] * gs + gb;
+        }
+      }
+    }
+  });
+  return ffi::Error::Success();
+}
+
+ffi::Error check_affine(const ffi::AnyBuffer& p, int64_t len, int64_t b_total, int64_t b_inner, int64_t* rows) {
+  const int64_t n = static_cast<int64_t>(p.element_count());
+  if (n == 0) {
+    *rows = 0;
+    return ffi::Error::Success();
+  }
+  if (n % len != 0) return ffi::Error::InvalidArgument("brainnorm normalize: affine parameter size");
+  *rows = n / len;
+  if (*rows != 1 && *rows * b_inner != b_total) {
+    return ffi::Error::InvalidArgument("brainnorm normalize: affine parameter batch size");
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error normalize(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer mask, ffi::AnyBuffer scale,
+                     ffi::AnyBuffer bias, bool centered, bool masked, int64_t param_axis, float eps,
+                     ffi::Result<ffi::AnyBuffer> y, ffi::Result<ffi::AnyBuffer> hi,
+                     ffi::Result<ffi::AnyBuffer> lo, ffi::Result<ffi::AnyBuffer> var,
+                     ffi::Result<ffi::AnyBuffer> count) {
+  const auto dims = x.dimensions();
+  const int64_t rank = static_cast<int64_t>(dims.size());
+  if (rank < 3) return ffi::Error::InvalidArgument("brainnorm normalize: input must be (..., B, R, C)");
+  if (masked && mask.element_count() != x.element_count()) {
+    return ffi::Error::InvalidArgument("brainnorm normalize: mask and input sizes differ");
+  }
+  int64_t b_total = 1;
+  for (int64_t i = 0; i < rank - 2; ++i) b_total *= dims[i];
+  Affine aff{};
+  aff.axis = param_axis;
+  aff.len = param_axis == 1 ? dims[rank - 2] : dims[rank - 1];
+  aff.b_inner = dims[rank - 3];
+  if (aff.len <= 0 || aff.b_inner <= 0) return ffi::Error::Success();
+  if (auto e = check_affine(scale, aff.len, b_total, aff.b_inner, &aff.scale_rows); e.failure()) return e;
+  if (auto e = check_affine(bias, aff.len, b_total, aff.b_inner, &aff.bias_rows); e.failure()) return e;
+  aff.scale = aff.scale_rows ? scale.typed_data<float>() : nullptr;
+  aff.bias = aff.bias_rows ? bias.typed_data<float>() : nullptr;
+  return normalize_impl(pool, x, masked ? mask.typed_data<bool>() : nullptr, aff, centered, eps,
+                        y->typed_data<float>(), hi->typed_data<float>(), lo->typed_data<float>(),
+                        var->typed_data<float>(), count->typed_data<float>());
+}
+
+// ---------------------------------------------------------------------------
+// Backward pass. With x_hat = ((x - hi) - lo) * inv, g = dy * scale and n the
+// valid count of a group:
+//   dx = inv * (g - S_g / n - x_hat * S_gx / n) + 2 d_var (x - mean) / n + d_lo / n
+// at valid positions (S_g = sum g, S_gx = sum g x_hat over every position of
+// the group: padding outputs use the statistics too), and dx = g * inv at
+// padding. Without centering the S_g and d_lo terms drop and x - mean is x.
+// d_scale = sum dy x_hat and d_bias = sum dy over everything but the
+// parameter axis, one row per leading batch block (vmap).
+
+struct Backward {
+  const float *x, *dy, *hi, *lo, *var, *count, *d_lo, *d_var;
+  const bool* mask;
+  Affine aff;
+  bool centered;
+  float eps;
+  float *dx, *d_scale, *d_bias;
+};
+
+float inv_std(float var, float n, float eps) { return n > 0 ? 1.0f / std::sqrt(var + eps) : 0.0f; }
+
+ffi::Error backward_impl(ffi::ThreadPool& pool, const Backward& k, const Shape& s) {
+  const Affine& aff = k.aff;
+  const int64_t prows = std::max<int64_t>(1, s.b / aff.b_inner);
+  const int64_t plen = aff.len;
+  std::vector<double> dscale(static_cast<size_t>(prows * plen), 0.0), dbias(dscale.size(), 0.0);
+  if (s.c == 1) {
+    // Rows: one task per chunk of groups within one parameter row.
+    const int64_t per_task = std::max<int64_t>(1, kChunkElements / std::max<int64_t>(s.r, 1));
+    const int64_t tasks_per_prow = (aff.b_inner + per_task - 1) / per_task;
+    const int64_t tasks = prows * tasks_per_prow;
+    const int64_t part_len = aff.axis == 1 ? s.r : 1;
+    std::vector<float> ps(static_cast<size_t>(tasks * part_len), 0.0f), pb(ps.size(), 0.0f);
+    parallel_for(pool, tasks, [&](int64_t t) {
+      const int64_t prow = t / tasks_per_prow, sub = t % tasks_per_prow;
+      const int64_t g0 = prow * aff.b_inner + sub * per_task;
+      const int64_t g1 = std::min(prow * aff.b_inner + aff.b_inner, g0 + per_task);
+      const float* sc = aff.scale ? aff.scale + (aff.scale_rows > 1 ? prow * plen : 0) : nullptr;
+      float* __restrict__ psp = ps.data() + t * part_len;
+      float* __restrict__ pbp = pb.data() + t * part_len;
+      for (int64_t g = g0; g < g1; ++g) {
+        const float* __restrict__ x = k.x + g * s.r;
+        const float* __restrict__ dy = k.dy + g * s.r;
+        float* __restrict__ dx = k.dx + g * s.r;
+        const bool* m = k.mask ? k.mask + g * s.r : nullptr;
+        const float n = k.count[g], nn = std::max(n, 1.0f);
+        const float iv = inv_std(k.var[g], n, k.eps);
+        const float h = k.centered ? k.hi[g] : 0.0f, l = k.centered ? k.lo[g] : 0.0f;
+        float sg = 0, sgx = 0;
+        if (aff.axis == 1 && sc != nullptr) {
+#pragma omp simd reduction(+ : sg, sgx)
+          for (int64_t r = 0; r < s.r; ++r) {
+            const float gr = dy[r] * sc[r];
+            sg += gr;
+            sgx += gr * (((x[r] - h) - l) * iv);
+          }
+        } else {
+          const float gs = sc ? sc[0] : 1.0f;
+#pragma omp simd reduction(+ : sg, sgx)
+          for (int64_t r = 0; r < s.r; ++r) {
+            const float gr = dy[r] * gs;
+            sg += gr;
+            sgx += gr * (((x[r] - h) - l) * iv);
+          }
+        }
+        const float a_g = k.centered ? sg / nn : 0.0f, a_gx = sgx / nn;
+        const float a_var = 2.0f * k.d_var[g] / nn, a_lo = k.centered ? k.d_lo[g] / nn : 0.0f;
+        const float gs0 = sc ? sc[0] : 1.0f;
+        const bool per_r = aff.axis == 1 && sc != nullptr;
+#pragma omp simd
+        for (int64_t r = 0; r < s.r; ++r) {
+          const float gr = dy[r] * (per_r ? sc[r] : gs0);
+          const float c = (x[r] - h) - l;
+          const float xh = c * iv;
+          const float full = iv * (gr - a_g - xh * a_gx) + a_var * c + a_lo;
+          dx[r] = (m == nullptr || m[r]) ? full : gr * iv;
+        }
+        if (aff.axis == 1) {
+#pragma omp simd
+          for (int64_t r = 0; r < s.r; ++r) {
+            psp[r] += dy[r] * (((x[r] - h) - l) * iv);
+            pbp[r] += dy[r];
+          }
+        } else {
+          float a = 0, b = 0;
+#pragma omp simd reduction(+ : a, b)
+          for (int64_t r = 0; r < s.r; ++r) {
+            a += dy[r] * (((x[r] - h) - l) * iv);
+            b += dy[r];
+          }
+          psp[0] += a;
+          pbp[0] += b;
+        }
+      }
+    });
+    for (int64_t t = 0; t < tasks; ++t) {
+      const int64_t prow = t / tasks_per_prow;
+      for (int64_t p = 0; p < part_len; ++p) {
+        dscale[prow * plen + p] += ps[t * part_len + p];
+        dbias[prow * plen + p] += pb[t * part_len + p];
+      }
+    }
+  } else {
+    // Columns (parameters along C): per (b, chunk) sums, then dx.
+    if (aff.axis != 2) return ffi::Error::InvalidArgument("brainnorm backward: C > 1 needs parameters along C");
+    const int64_t rows_per_chunk = std::max<int64_t>(1, kChunkElements / s.c);
+    const int64_t chunks = std::max<int64_t>(1, (s.r + rows_per_chunk - 1) / rows_per_chunk);
+    const int64_t groups = s.b * s.c;
+    std::vector<float> inv(groups), hh(groups), ll(groups);
+    for (int64_t g = 0; g < groups; ++g) {
+      inv[g] = inv_std(k.var[g], k.count[g], k.eps);
+      hh[g] = k.centered ? k.hi[g] : 0.0f;
+      ll[g] = k.centered ? k.lo[g] : 0.0f;
+    }
+    // per chunk and column: sum dy, sum dy x_hat (g = dy * scale[c] is constant-scaled per column)
+    std::vector<double> p_dy(static_cast<size_t>(s.b * chunks * s.c), 0.0), p_dyx(p_dy.size(), 0.0);
+    parallel_for(pool, s.b * chunks, [&](int64_t t) {
+      const int64_t b = t / chunks, chunk = t % chunks;
+      const int64_t r0 = chunk * rows_per_chunk, r1 = std::min(s.r, r0 + rows_per_chunk);
+      std::vector<float> a(s.c, 0.0f), bsum(s.c, 0.0f);
+      float* __restrict__ ap = a.data();
+      float* __restrict__ bp = bsum.data();
+      const float* __restrict__ hg = hh.data() + b * s.c;
+      const float* __restrict__ lg = ll.data() + b * s.c;
+      const float* __restrict__ ig = inv.data() + b * s.c;
+      for (int64_t r = r0; r < r1; ++r) {
+        const int64_t off = (b * s.r + r) * s.c;
+        const float* __restrict__ x = k.x + off;
+        const float* __restrict__ dy = k.dy + off;
+#pragma omp simd
+        for (int64_t j = 0; j < s.c; ++j) {
+          ap[j] += dy[j];
+          bp[j] += dy[j] * (((x[j] - hg[j]) - lg[j]) * ig[j]);
+        }
+        if ((r - r0) % 32 == 31) {
+          for (int64_t j = 0; j < s.c; ++j) {
+            p_dy[t * s.c + j] += ap[j];
+            p_dyx[t * s.c + j] += bp[j];
+            ap[j] = bp[j] = 0.0f;
+          }
+        }
+      }
+      for (int64_t j = 0; j < s.c; ++j) {
+        p_dy[t * s.c + j] += ap[j];
+        p_dyx[t * s.c + j] += bp[j];
+      }
+    });
+    std::vector<float> a_g(groups), a_gx(groups), a_var(groups), a_lo(groups), gsc(groups);
+    for (int64_t b = 0; b < s.b; ++b) {
+      const int64_t prow = b / aff.b_inner;
+      const float* sc = aff.scale ? aff.scale + (aff.scale_rows > 1 ? prow * plen : 0) : nullptr;
+      for (int64_t j = 0; j < s.c; ++j) {
+        double sdy = 0, sdyx = 0;
+        for (int64_t chunk = 0; chunk < chunks; ++chunk) {
+          sdy += p_dy[(b * chunks + chunk) * s.c + j];
+          sdyx += p_dyx[(b * chunks + chunk) * s.c + j];
+        }
+        const int64_t g = b * s.c + j;
+        const float scale = sc ? sc[j] : 1.0f;
+        const float nn = std::max(k.count[g], 1.0f);
+        gsc[g] = scale;
+        a_g[g] = k.centered ? static_cast<float>(scale * sdy / nn) : 0.0f;
+        a_gx[g] = static_cast<float>(scale * sdyx / nn);
+        a_var[g] = 2.0f * k.d_var[g] / nn;
+        a_lo[g] = k.centered ? k.d_lo[g] / nn : 0.0f;
+        dscale[prow * plen + j] += sdyx;
+        dbias[prow * plen + j] += sdy;
+      }
+    }
+    parallel_for(pool, s.b * chunks, [&](int64_t t) {
+      const int64_t b = t / chunks, chunk = t % chunks;
+      const int64_t r0 = chunk * rows_per_chunk, r1 = std::min(s.r, r0 + rows_per_chunk);
+      const int64_t gb = b * s.c;
+      const float* __restrict__ hg = hh.data() + gb;
+      const float* __restrict__ lg = ll.data() + gb;
+      const float* __restrict__ ig = inv.data() + gb;
+      const float* __restrict__ sg = gsc.data() + gb;
+      const float* __restrict__ ag = a_g.data() + gb;
+      const float* __restrict__ agx = a_gx.data() + gb;
+      const float* __restrict__ av = a_var.data() + gb;
+      const float* __restrict__ al = a_lo.data() + gb;
+      for (int64_t r = r0; r < r1; ++r) {
+        const int64_t off = (b * s.r + r) * s.c;
+        const float* __restrict__ x = k.x + off;
+        const float* __restrict__ dy = k.dy + off;
+        float* __restrict__ dx = k.dx + off;
+        const bool* m = k.mask ? k.mask + off : nullptr;
+#pragma omp simd
+        for (int64_t j = 0; j < s.c; ++j) {
+          const float gr = dy[j] * sg[j];
+          const float c = (x[j] - hg[j]) - lg[j];
+          const float full = ig[j] * (gr - ag[j] - c * ig[j] * agx[j]) + av[j] * c + al[j];
+          dx[j] = (m == nullptr || m[j]) ? full : gr * ig[j];
+        }
+      }
+    });
+  }
+  if (k.d_scale != nullptr) {
+    for (size_t i = 0; i < dscale.size(); ++i) k.d_scale[i] = static_cast<float>(dscale[i]);
+  }
+  if (k.d_bias != nullptr) {
+    for (size_t i = 0; i < dbias.size(); ++i) k.d_bias[i] = static_cast<float>(dbias[i]);
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error normalize_bwd(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer mask, ffi::AnyBuffer scale,
+                         ffi::AnyBuffer dy, ffi::AnyBuffer hi, ffi::AnyBuffer lo, ffi::AnyBuffer var,
+                         ffi::AnyBuffer count, ffi::AnyBuffer d_lo, ffi::AnyBuffer d_var, bool centered,
+                         bool masked, int64_t param_axis, float eps, ffi::Result<ffi::AnyBuffer> dx,
+                         ffi::Result<ffi::AnyBuffer> d_scale, ffi::Result<ffi::AnyBuffer> d_bias) {
+  const auto dims = x.dimensions();
+  const int64_t rank = static_cast<int64_t>(dims.size());
+  if (rank < 3) return ffi::Error::InvalidArgument("brainnorm backward: input must be (..., B, R, C)");
+  Shape s{1, dims[rank - 2], dims[rank - 1]};
+  for (int64_t i = 0; i < rank - 2; ++i) s.b *= dims[i];
+  if (s.b * s.r * s.c == 0) return ffi::Error::Success();
+  Backward k{};
+  k.aff.axis = param_axis;
+  k.aff.len = param_axis == 1 ? s.r : s.c;
+  k.aff.b_inner = dims[rank - 3];
+  if (auto e = check_affine(scale, k.aff.len, s.b, k.aff.b_inner, &k.aff.scale_rows); e.failure()) return e;
+  const int64_t prows = s.b / k.aff.b_inner;
+  if (static_cast<int64_t>(d_scale->element_count()) != prows * k.aff.len) {
+    return ffi::Error::InvalidArgument("brainnorm backward: parameter gradient size");
+  }
+  k.aff.scale = k.aff.scale_rows ? scale.typed_data<float>() : nullptr;
+  k.x = x.typed_data<float>();
+  k.dy = dy.typed_data<float>();
+  k.hi = hi.typed_data<float>();
+  k.lo = lo.typed_data<float>();
+  k.var = var.typed_data<float>();
+  k.count = count.typed_data<float>();
+  k.d_lo = d_lo.typed_data<float>();
+  k.d_var = d_var.typed_data<float>();
+  k.mask = masked ? mask.typed_data<bool>() : nullptr;
+  k.centered = centered;
+  k.eps = eps;
+  k.dx = dx->typed_data<float>();
+  k.d_scale = d_scale->typed_data<float>();
+  k.d_bias = d_bias->typed_data<float>();
+  return backward_impl(pool, k, s);
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(brainnorm_normalize_f32, normalize,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()  // x (..., B, R, C)
+                                  .Arg<ffi::AnyBuffer>()  // mask, same size as x (or empty)
+                                  .Arg<ffi::AnyBuffer>()  // scale (..., P) or empty
+                                  .Arg<ffi::AnyBuffer>()  // bias (..., P) or empty
+                                  .Attr<bool>("centered")
+                                  .Attr<bool>("masked")
+                                  .Attr<int64_t>("param_axis")
+                                  .Attr<float>("eps")
+                                  .Ret<ffi::AnyBuffer>()   // y, like x
+                                  .Ret<ffi::AnyBuffer>()   // hi (..., B, C)
+                                  .Ret<ffi::AnyBuffer>()   // lo
+                                  .Ret<ffi::AnyBuffer>()   // var
+                                  .Ret<ffi::AnyBuffer>());  // count
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(brainnorm_normalize_bwd_f32, normalize_bwd,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()  // x (..., B, R, C)
+                                  .Arg<ffi::AnyBuffer>()  // mask (or empty)
+                                  .Arg<ffi::AnyBuffer>()  // scale (..., P) or empty
+                                  .Arg<ffi::AnyBuffer>()  // dy
+                                  .Arg<ffi::AnyBuffer>()  // hi (..., B, C)
+                                  .Arg<ffi::AnyBuffer>()  // lo
+                                  .Arg<ffi::AnyBuffer>()  // var
+                                  .Arg<ffi::AnyBuffer>()  // count
+                                  .Arg<ffi::AnyBuffer>()  // d_lo
+                                  .Arg<ffi::AnyBuffer>()  // d_var
+                                  .Attr<bool>("centered")
+                                  .Attr<bool>("masked")
+                                  .Attr<int64_t>("param_axis")
+                                  .Attr<float>("eps")
+                                  .Ret<ffi::AnyBuffer>()   // dx
+                                  .Ret<ffi::AnyBuffer>()   // d_scale (..., P)
+                                  .Ret<ffi::AnyBuffer>());  // d_bias (..., P)
