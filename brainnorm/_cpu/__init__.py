@@ -120,7 +120,7 @@ def _call(x3, mask3, scale, bias, *, centered, param_axis, eps):
     outs = jax.ffi.ffi_call(
         _TARGET,
         (jax.ShapeDtypeStruct(x3.shape, jnp.float32), stats, stats, stats, stats),
-        vmap_method="expand_dims",
+        vmap_method="broadcast_all",
     )(
         x3,
         jnp.zeros((0,), jnp.bool_) if mask3 is None else mask3,
@@ -153,7 +153,7 @@ def _fused_bwd(centered, param_axis, eps, residuals, cotangents):
     length = x3.shape[-2] if param_axis == 1 else x3.shape[-1]
     param = jax.ShapeDtypeStruct((length,), jnp.float32)
     dx, d_scale, d_bias = jax.ffi.ffi_call(
-        _BWD_TARGET, (jax.ShapeDtypeStruct(x3.shape, jnp.float32), param, param), vmap_method="expand_dims",
+        _BWD_TARGET, (jax.ShapeDtypeStruct(x3.shape, jnp.float32), param, param), vmap_method="broadcast_all",
     )(
         x3,
         jnp.zeros((0,), jnp.bool_) if mask3 is None else mask3,

@@ -23,6 +23,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <cstring>
 #include <condition_variable>
 #include <cstdint>
 #include <memory>
@@ -34,6 +35,19 @@
 namespace ffi = xla::ffi;
 
 namespace {
+
+// Branch-free select on a 0/1 mask byte (XLA's PRED), so masked loops
+// vectorize: keep ? a : b, bit for bit (non-finite a never leaks into b).
+inline float pick(uint8_t keep, float a, float b) {
+  const uint32_t k = 0u - static_cast<uint32_t>(keep);
+  uint32_t ua, ub;
+  std::memcpy(&ua, &a, 4);
+  std::memcpy(&ub, &b, 4);
+  const uint32_t u = (ua & k) | (ub & ~k);
+  float r;
+  std::memcpy(&r, &u, 4);
+  return r;
+}
 
 struct Acc {
   double n = 0, k = 0, s1 = 0, s2 = 0;
@@ -52,124 +66,147 @@ struct Acc {
   }
 };
 
-// Groups are summed in blocks of kBlock elements (per column for C > 1):
-// each block is shifted by its own float32 mean, summed in float32 at SIMD
-// width (the block is in L1 for the second pass), and blocks are merged in
-// double. The block mean is an ordinary float: the shift only has to be
-// close to the data, not exact.
+// Groups are summed in blocks of kBlock elements (kBlock / 8 rows for C > 1)
+// in float32 at SIMD width around a shift close to the group's mean (the mean
+// of its first block: an ordinary float, it only has to be close to the data),
+// and the block sums are added up in double.
 constexpr int64_t kBlock = 256;
 
-// Elements [i0, i1) of a contiguous group (stride 1).
-Acc block_moments(const float* x, const bool* m, int64_t i0, int64_t i1, bool centered) {
-  Acc a;
-  float n = 0, s = 0;
+// Elements [i0, i1) of a contiguous group around a fixed shift k (padding
+// counts as nothing): float32 sums at SIMD width.
+void shifted_block(const float* __restrict__ x, const uint8_t* __restrict__ m, int64_t i0, int64_t i1, float k,
+                   float* t1, float* t2, float* tn) {
+  float a = 0, b = 0, n = 0;
   if (m == nullptr) {
-    n = static_cast<float>(i1 - i0);
-    if (centered) {
-#pragma omp simd reduction(+ : s)
-      for (int64_t i = i0; i < i1; ++i) s += x[i];
-    }
-  } else {
-#pragma omp simd reduction(+ : s, n)
-    for (int64_t i = i0; i < i1; ++i) {
-      const bool v = m[i];
-      s += v ? x[i] : 0.0f;
-      n += v ? 1.0f : 0.0f;
-    }
-  }
-  if (n == 0) return a;
-  const float k = centered ? s / n : 0.0f;
-  float t1 = 0, t2 = 0;
-  if (m == nullptr) {
-#pragma omp simd reduction(+ : t1, t2)
+#pragma omp simd reduction(+ : a, b)
     for (int64_t i = i0; i < i1; ++i) {
       const float d = x[i] - k;
-      t1 += d;
-      t2 += d * d;
+      a += d;
+      b += d * d;
     }
+    n = static_cast<float>(i1 - i0);
   } else {
-#pragma omp simd reduction(+ : t1, t2)
+#pragma omp simd reduction(+ : a, b, n)
     for (int64_t i = i0; i < i1; ++i) {
-      const float d = m[i] ? x[i] - k : 0.0f;
-      t1 += d;
-      t2 += d * d;
+      const float d = pick(m[i], x[i] - k, 0.0f);
+      a += d;
+      b += d * d;
+      n += static_cast<float>(m[i]);
     }
   }
-  a.n = n;
-  a.k = k;
-  a.s1 = t1;
-  a.s2 = t2;
-  return a;
+  *t1 = a;
+  *t2 = b;
+  *tn = n;
 }
 
-Acc row_moments(const float* x, const bool* m, int64_t r, bool centered) {
+// A contiguous group of r elements (the C == 1 case), in one pass: the shift
+// is the mean of the valid values of the first block (or the first valid
+// value, when that block has none), blocks are summed in float32 and added
+// up in double.
+Acc row_moments(const float* x, const bool* mask, int64_t r, bool centered) {
+  const uint8_t* m = reinterpret_cast<const uint8_t*>(mask);
+  float k = 0;
+  if (centered) {
+    float t1, t2, tn;
+    const int64_t b1 = std::min(r, kBlock);
+    shifted_block(x, m, 0, b1, 0.0f, &t1, &t2, &tn);
+    if (tn > 0) {
+      k = t1 / tn;
+    } else {
+      int64_t first = b1;
+      while (first < r && !m[first]) ++first;
+      if (first == r) return Acc();
+      k = x[first];
+    }
+  }
+  double s1 = 0, s2 = 0, n = 0;
+  for (int64_t i0 = 0; i0 < r; i0 += kBlock) {
+    float t1, t2, tn;
+    shifted_block(x, m, i0, std::min(r, i0 + kBlock), k, &t1, &t2, &tn);
+    s1 += t1;
+    s2 += t2;
+    n += tn;
+  }
   Acc a;
-  for (int64_t i0 = 0; i0 < r; i0 += kBlock) a.merge(block_moments(x, m, i0, std::min(r, i0 + kBlock), centered));
+  if (n > 0) {
+    a.n = n;
+    a.k = k;
+    a.s1 = s1;
+    a.s2 = s2;
+  }
   return a;
 }
 
-// Rows [r0, r1) of an (R, C) block: one accumulator per column, merged into out.
+// Sums of rows [r0, r1) around k into t1, t2, tn (overwritten), column by column.
+void column_block(const float* __restrict__ x, const uint8_t* __restrict__ m, int64_t r0, int64_t r1, int64_t c,
+                  const float* __restrict__ k, float* __restrict__ t1, float* __restrict__ t2,
+                  float* __restrict__ tn) {
+  std::fill(t1, t1 + c, 0.0f);
+  std::fill(t2, t2 + c, 0.0f);
+  std::fill(tn, tn + c, m == nullptr ? static_cast<float>(r1 - r0) : 0.0f);
+  for (int64_t r = r0; r < r1; ++r) {
+    const float* __restrict__ xr = x + r * c;
+    if (m == nullptr) {
+#pragma omp simd
+      for (int64_t j = 0; j < c; ++j) {
+        const float d = xr[j] - k[j];
+        t1[j] += d;
+        t2[j] += d * d;
+      }
+    } else {
+      const uint8_t* __restrict__ mr = m + r * c;
+#pragma omp simd
+      for (int64_t j = 0; j < c; ++j) {
+        const float d = pick(mr[j], xr[j] - k[j], 0.0f);
+        t1[j] += d;
+        t2[j] += d * d;
+        tn[j] += static_cast<float>(mr[j]);
+      }
+    }
+  }
+}
+
 void column_moments(const float* x, const bool* m, int64_t r0, int64_t r1, int64_t c, bool centered,
                     Acc* out) {
-  std::vector<float> k(c), t1(c), t2(c), tn(c);
-  float* kp = k.data();
-  float* t1p = t1.data();
-  float* t2p = t2.data();
-  float* tnp = tn.data();
+  const uint8_t* mb = reinterpret_cast<const uint8_t*>(m);
   const int64_t rows_per_block = std::max<int64_t>(1, kBlock / 8);
+  std::vector<float> k(c, 0.0f), t1(c), t2(c), tn(c);
+  if (centered) {
+    // The shift of every column: the mean of its valid values in the first
+    // block, or its first valid value when that block has none.
+    const int64_t b1 = std::min(r1, r0 + rows_per_block);
+    column_block(x, mb, r0, b1, c, k.data(), t1.data(), t2.data(), tn.data());
+    for (int64_t j = 0; j < c; ++j) {
+      if (tn[j] > 0) {
+        k[j] = t1[j] / tn[j];
+        continue;
+      }
+      for (int64_t i = b1; i < r1; ++i) {
+        if (mb[i * c + j]) {
+          k[j] = x[i * c + j];
+          break;
+        }
+      }
+    }
+  }
+  std::vector<double> s1(c, 0.0), s2(c, 0.0), n(c, 0.0);
   for (int64_t b0 = r0; b0 < r1; b0 += rows_per_block) {
     const int64_t b1 = std::min(r1, b0 + rows_per_block);
-    std::fill(t1.begin(), t1.end(), 0.0f);
-    std::fill(t2.begin(), t2.end(), 0.0f);
-    std::fill(tn.begin(), tn.end(), 0.0f);
-    // first pass: block sums (the shift) and counts
-    for (int64_t r = b0; r < b1; ++r) {
-      const float* __restrict__ xr = x + r * c;
-      if (m == nullptr) {
-        if (centered) {
+    column_block(x, mb, b0, b1, c, k.data(), t1.data(), t2.data(), tn.data());
 #pragma omp simd
-          for (int64_t j = 0; j < c; ++j) t1p[j] += xr[j];
-        }
-      } else {
-        const bool* __restrict__ mr = m + r * c;
-#pragma omp simd
-        for (int64_t j = 0; j < c; ++j) {
-          t1p[j] += mr[j] ? xr[j] : 0.0f;
-          tnp[j] += mr[j] ? 1.0f : 0.0f;
-        }
-      }
-    }
-    if (m == nullptr) std::fill(tn.begin(), tn.end(), static_cast<float>(b1 - b0));
-    for (int64_t j = 0; j < c; ++j) kp[j] = (centered && tnp[j] > 0) ? t1p[j] / tnp[j] : 0.0f;
-    std::fill(t1.begin(), t1.end(), 0.0f);
-    // second pass: shifted sums
-    for (int64_t r = b0; r < b1; ++r) {
-      const float* __restrict__ xr = x + r * c;
-      if (m == nullptr) {
-#pragma omp simd
-        for (int64_t j = 0; j < c; ++j) {
-          const float d = xr[j] - kp[j];
-          t1p[j] += d;
-          t2p[j] += d * d;
-        }
-      } else {
-        const bool* __restrict__ mr = m + r * c;
-#pragma omp simd
-        for (int64_t j = 0; j < c; ++j) {
-          const float d = mr[j] ? xr[j] - kp[j] : 0.0f;
-          t1p[j] += d;
-          t2p[j] += d * d;
-        }
-      }
-    }
     for (int64_t j = 0; j < c; ++j) {
-      Acc blk;
-      blk.n = tnp[j];
-      blk.k = kp[j];
-      blk.s1 = t1p[j];
-      blk.s2 = t2p[j];
-      out[j].merge(blk);
+      s1[j] += t1[j];
+      s2[j] += t2[j];
+      n[j] += tn[j];
     }
+  }
+  for (int64_t j = 0; j < c; ++j) {
+    Acc a;
+    a.n = n[j];
+    a.k = k[j];
+    a.s1 = s1[j];
+    a.s2 = s2[j];
+    if (a.n > 0) out[j].merge(a);
   }
 }
 
@@ -348,20 +385,28 @@ ffi::Error normalize_impl(ffi::ThreadPool pool, ffi::AnyBuffer x, const bool* ma
     const float* hg = hp + g * s.c;
     const float* lg = lp + g * s.c;
     const float* ig = inv.data() + g * s.c;
+    if (aff.axis == 2) {
+      std::vector<float> factor(s.c), offset(s.c);
+      for (int64_t j = 0; j < s.c; ++j) {
+        factor[j] = ig[j] * (sc ? sc[j] : 1.0f);
+        offset[j] = bi ? bi[j] : 0.0f;
+      }
+      const float* __restrict__ fp = factor.data();
+      const float* __restrict__ op = offset.data();
+      for (int64_t r = r0; r < r1; ++r) {
+        const float* __restrict__ xr = xp + (g * s.r + r) * s.c;
+        float* __restrict__ yr = y + (g * s.r + r) * s.c;
+#pragma omp simd
+        for (int64_t j = 0; j < s.c; ++j) yr[j] = ((xr[j] - hg[j]) - lg[j]) * fp[j] + op[j];
+      }
+      return;
+    }
     for (int64_t r = r0; r < r1; ++r) {
       const float* __restrict__ xr = xp + (g * s.r + r) * s.c;
       float* __restrict__ yr = y + (g * s.r + r) * s.c;
-      if (aff.axis == 1) {
-        const float gs = sc ? sc[r] : 1.0f, gb = bi ? bi[r] : 0.0f;
+      const float gs = sc ? sc[r] : 1.0f, gb = bi ? bi[r] : 0.0f;
 #pragma omp simd
-        for (int64_t j = 0; j < s.c; ++j) yr[j] = ((xr[j] - hg[j]) - lg[j]) * ig[j] * gs + gb;
-      } else {
-#pragma omp simd
-        for (int64_t j = 0; j < s.c; ++j) {
-          const float gs = sc ? sc[j] : 1.0f, gb = bi ? bi[j] : 0.0f;
-          yr[j] = ((xr[j] - hg[j]) - lg[j]) * ig[j] * gs + gb;
-        }
-      }
+      for (int64_t j = 0; j < s.c; ++j) yr[j] = ((xr[j] - hg[j]) - lg[j]) * ig[j] * gs + gb;
     }
   });
   return ffi::Error::Success();
@@ -483,7 +528,7 @@ ffi::Error backward_impl(ffi::ThreadPool& pool, const Backward& k, const Shape& 
           const float c = (x[r] - h) - l;
           const float xh = c * iv;
           const float full = iv * (gr - a_g - xh * a_gx) + a_var * c + a_lo;
-          dx[r] = (m == nullptr || m[r]) ? full : gr * iv;
+          dx[r] = m == nullptr ? full : pick(reinterpret_cast<const uint8_t*>(m)[r], full, gr * iv);
         }
         if (aff.axis == 1) {
 #pragma omp simd
@@ -600,7 +645,7 @@ ffi::Error backward_impl(ffi::ThreadPool& pool, const Backward& k, const Shape& 
           const float gr = dy[j] * sg[j];
           const float c = (x[j] - hg[j]) - lg[j];
           const float full = ig[j] * (gr - ag[j] - c * ig[j] * agx[j]) + av[j] * c + al[j];
-          dx[j] = (m == nullptr || m[j]) ? full : gr * ig[j];
+          dx[j] = m == nullptr ? full : pick(reinterpret_cast<const uint8_t*>(m)[j], full, gr * ig[j]);
         }
       }
     });
