@@ -302,3 +302,20 @@ def test_results_do_not_depend_on_the_run(rng):
     g = jax.jit(jax.grad(lambda v: jnp.sum(F.layer_norm(v) ** 3)))
     np.testing.assert_array_equal(np.asarray(f(x)), np.asarray(f(x)))
     np.testing.assert_array_equal(np.asarray(g(x)), np.asarray(g(x)))
+
+
+def test_switch_off_and_compiler_failure_fall_back(monkeypatch, tmp_path):
+    monkeypatch.setenv("BRAINNORM_CPU_KERNEL", "0")
+    assert _cpu.available.__wrapped__() is False
+    monkeypatch.delenv("BRAINNORM_CPU_KERNEL")
+    monkeypatch.setenv("BRAINNORM_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    assert _cpu._compile() is None
+    assert list(tmp_path.glob("*.so")) == []
+
+
+def test_numpy_epsilon(rng):
+    x = data(rng, (4, 64), 2.0)
+    fn = lambda v: F.layer_norm(v, epsilon=np.float32(1e-5))
+    assert FWD in hlo(fn, x)
+    assert max_error(jax.jit(fn)(x), ref.normalize(x, -1, None, 1e-5)) < 5e-6

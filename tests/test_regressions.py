@@ -146,6 +146,14 @@ def test_default_variance_is_accurate_on_both_sides_of_the_one_pass_guard(rng, r
         assert bool(_one_pass_is_accurate(jnp.asarray(count, jnp.float32), s1, s2)) == (ratio < 2)
 
 
+def test_empty_batch_has_no_groups_to_guard():
+    """A batch of zero examples: the one-pass guard reduces over no groups (regression)."""
+    empty = np.zeros((0, 16), np.float32)
+    assert jax.jit(lambda v: F.layer_norm(v))(empty).shape == (0, 16)
+    mean, var = F.moments(empty, -1)
+    assert mean.shape == (0, 1) and var.shape == (0, 1)
+
+
 def test_one_pass_guard_rejects_non_finite_sums():
     from brainnorm._stats import _one_pass_is_accurate
 

@@ -23,6 +23,7 @@ import functools
 import hashlib
 import logging
 import math
+import numbers
 import os
 import platform
 import shutil
@@ -205,8 +206,8 @@ def try_normalize(x, axes, *, scale, bias, epsilon, mask, use_mean, core):
     ``core()`` computes the same tuple with the pure-JAX core; it is what
     other backends lower (``lax.platform_dependent``).
     """
-    if (x.dtype != jnp.float32 or x.size < MIN_ELEMENTS or not isinstance(epsilon, (int, float))
-            or not available()):
+    if (x.dtype != jnp.float32 or x.size == 0 or x.size < MIN_ELEMENTS
+            or not isinstance(epsilon, numbers.Real) or not available()):
         return None
     layout = _block_layout(x.shape, axes)
     if layout is None:
