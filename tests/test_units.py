@@ -5,7 +5,6 @@ Tolerance: 1e-5 absolute (float32).
 
 import brainstate
 import brainunit as u
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
