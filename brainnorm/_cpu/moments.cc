@@ -246,6 +246,7 @@ void parallel_for(ffi::ThreadPool& pool, int64_t tasks, F fn) {
 }
 
 constexpr int64_t kChunkElements = 1 << 15;  // elements per task
+constexpr int64_t kMinChunkRows = 64;
 
 struct Shape {
   int64_t b, r, c;  // groups along B and C; R is reduced
@@ -266,7 +267,9 @@ std::vector<Acc> group_moments(ffi::ThreadPool& pool, const float* x, const bool
     });
     return acc;
   }
-  const int64_t rows_per_chunk = std::max<int64_t>(1, kChunkElements / s.c);
+  // at least kMinChunkRows rows per chunk: the partial sums (32 bytes per
+  // column and chunk) stay under an eighth of the input for any C
+  const int64_t rows_per_chunk = std::max<int64_t>(kMinChunkRows, kChunkElements / s.c);
   const int64_t chunks = std::max<int64_t>(1, (s.r + rows_per_chunk - 1) / rows_per_chunk);
   std::vector<Acc> partial(static_cast<size_t>(s.b * chunks * s.c));
   parallel_for(pool, s.b * chunks, [&](int64_t t) {
@@ -439,11 +442,18 @@ ffi::Error normalize(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer mask
   }
   int64_t b_total = 1;
   for (int64_t i = 0; i < rank - 2; ++i) b_total *= dims[i];
+  if (param_axis != 1 && param_axis != 2) return ffi::Error::InvalidArgument("brainnorm normalize: param_axis must be 1 or 2");
   Affine aff{};
   aff.axis = param_axis;
   aff.len = param_axis == 1 ? dims[rank - 2] : dims[rank - 1];
   aff.b_inner = dims[rank - 3];
-  if (aff.len <= 0 || aff.b_inner <= 0) return ffi::Error::Success();
+  if (x.element_count() == 0) {  // no elements: empty groups
+    for (auto* out : {hi->typed_data<float>(), lo->typed_data<float>(), var->typed_data<float>(),
+                      count->typed_data<float>()}) {
+      std::fill(out, out + hi->element_count(), 0.0f);
+    }
+    return ffi::Error::Success();
+  }
   if (auto e = check_affine(scale, aff.len, b_total, aff.b_inner, &aff.scale_rows); e.failure()) return e;
   if (auto e = check_affine(bias, aff.len, b_total, aff.b_inner, &aff.bias_rows); e.failure()) return e;
   aff.scale = aff.scale_rows ? scale.typed_data<float>() : nullptr;
@@ -485,14 +495,14 @@ ffi::Error backward_impl(ffi::ThreadPool& pool, const Backward& k, const Shape& 
     const int64_t tasks_per_prow = (aff.b_inner + per_task - 1) / per_task;
     const int64_t tasks = prows * tasks_per_prow;
     const int64_t part_len = aff.axis == 1 ? s.r : 1;
-    std::vector<float> ps(static_cast<size_t>(tasks * part_len), 0.0f), pb(ps.size(), 0.0f);
+    std::vector<double> ps(static_cast<size_t>(tasks * part_len), 0.0), pb(ps.size(), 0.0);
     parallel_for(pool, tasks, [&](int64_t t) {
       const int64_t prow = t / tasks_per_prow, sub = t % tasks_per_prow;
       const int64_t g0 = prow * aff.b_inner + sub * per_task;
       const int64_t g1 = std::min(prow * aff.b_inner + aff.b_inner, g0 + per_task);
       const float* sc = aff.scale ? aff.scale + (aff.scale_rows > 1 ? prow * plen : 0) : nullptr;
-      float* __restrict__ psp = ps.data() + t * part_len;
-      float* __restrict__ pbp = pb.data() + t * part_len;
+      double* __restrict__ psp = ps.data() + t * part_len;
+      double* __restrict__ pbp = pb.data() + t * part_len;
       for (int64_t g = g0; g < g1; ++g) {
         const float* __restrict__ x = k.x + g * s.r;
         const float* __restrict__ dy = k.dy + g * s.r;
@@ -501,27 +511,25 @@ ffi::Error backward_impl(ffi::ThreadPool& pool, const Backward& k, const Shape& 
         const float n = k.count[g], nn = std::max(n, 1.0f);
         const float iv = inv_std(k.var[g], n, k.eps);
         const float h = k.centered ? k.hi[g] : 0.0f, l = k.centered ? k.lo[g] : 0.0f;
-        float sg = 0, sgx = 0;
-        if (aff.axis == 1 && sc != nullptr) {
-#pragma omp simd reduction(+ : sg, sgx)
-          for (int64_t r = 0; r < s.r; ++r) {
-            const float gr = dy[r] * sc[r];
-            sg += gr;
-            sgx += gr * (((x[r] - h) - l) * iv);
-          }
-        } else {
-          const float gs = sc ? sc[0] : 1.0f;
-#pragma omp simd reduction(+ : sg, sgx)
-          for (int64_t r = 0; r < s.r; ++r) {
-            const float gr = dy[r] * gs;
-            sg += gr;
-            sgx += gr * (((x[r] - h) - l) * iv);
-          }
-        }
-        const float a_g = k.centered ? sg / nn : 0.0f, a_gx = sgx / nn;
-        const float a_var = 2.0f * k.d_var[g] / nn, a_lo = k.centered ? k.d_lo[g] / nn : 0.0f;
-        const float gs0 = sc ? sc[0] : 1.0f;
+        double sg = 0, sgx = 0;  // float32 blocks, double totals (as in the forward)
+        const float gs = sc ? sc[0] : 1.0f;
         const bool per_r = aff.axis == 1 && sc != nullptr;
+        for (int64_t b0 = 0; b0 < s.r; b0 += kBlock) {
+          const int64_t b1 = std::min(s.r, b0 + kBlock);
+          float bg = 0, bgx = 0;
+#pragma omp simd reduction(+ : bg, bgx)
+          for (int64_t r = b0; r < b1; ++r) {
+            const float gr = dy[r] * (per_r ? sc[r] : gs);
+            bg += gr;
+            bgx += gr * (((x[r] - h) - l) * iv);
+          }
+          sg += bg;
+          sgx += bgx;
+        }
+        const float a_g = k.centered ? static_cast<float>(sg / nn) : 0.0f;
+        const float a_gx = static_cast<float>(sgx / nn);
+        const float a_var = 2.0f * k.d_var[g] / nn, a_lo = k.centered ? k.d_lo[g] / nn : 0.0f;
+        const float gs0 = gs;
 #pragma omp simd
         for (int64_t r = 0; r < s.r; ++r) {
           const float gr = dy[r] * (per_r ? sc[r] : gs0);
@@ -558,7 +566,7 @@ ffi::Error backward_impl(ffi::ThreadPool& pool, const Backward& k, const Shape& 
   } else {
     // Columns (parameters along C): per (b, chunk) sums, then dx.
     if (aff.axis != 2) return ffi::Error::InvalidArgument("brainnorm backward: C > 1 needs parameters along C");
-    const int64_t rows_per_chunk = std::max<int64_t>(1, kChunkElements / s.c);
+    const int64_t rows_per_chunk = std::max<int64_t>(kMinChunkRows, kChunkElements / s.c);
     const int64_t chunks = std::max<int64_t>(1, (s.r + rows_per_chunk - 1) / rows_per_chunk);
     const int64_t groups = s.b * s.c;
     std::vector<float> inv(groups), hh(groups), ll(groups);
@@ -669,7 +677,15 @@ ffi::Error normalize_bwd(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer 
   if (rank < 3) return ffi::Error::InvalidArgument("brainnorm backward: input must be (..., B, R, C)");
   Shape s{1, dims[rank - 2], dims[rank - 1]};
   for (int64_t i = 0; i < rank - 2; ++i) s.b *= dims[i];
-  if (s.b * s.r * s.c == 0) return ffi::Error::Success();
+  if (param_axis != 1 && param_axis != 2) return ffi::Error::InvalidArgument("brainnorm backward: param_axis must be 1 or 2");
+  if (dy.element_count() != x.element_count() || (masked && mask.element_count() != x.element_count())) {
+    return ffi::Error::InvalidArgument("brainnorm backward: dy or mask size differs from x");
+  }
+  if (s.b * s.r * s.c == 0) {
+    std::fill(d_scale->typed_data<float>(), d_scale->typed_data<float>() + d_scale->element_count(), 0.0f);
+    std::fill(d_bias->typed_data<float>(), d_bias->typed_data<float>() + d_bias->element_count(), 0.0f);
+    return ffi::Error::Success();
+  }
   Backward k{};
   k.aff.axis = param_axis;
   k.aff.len = param_axis == 1 ? s.r : s.c;
