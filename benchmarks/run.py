@@ -310,9 +310,16 @@ class Impl:
         self.samples = []
 
 
-def run_case(case, impls, rounds, runs, warmup):
-    """Build, warm up, check and time the implementations of one case (interleaved)."""
+def run_case(case, impls, rounds, runs, warmup, min_time=0.0):
+    """Build, warm up, check and time the implementations of one case (interleaved).
+
+    Each round runs every implementation ``runs`` times, or more when that
+    gives the slowest implementation less than ``min_time`` seconds of samples
+    over all rounds (short kernels get more samples, so a few disturbed calls
+    move the median less).
+    """
     live = []
+    warm_times = []
     for impl in impls:
         try:
             impl.call = impl.build()
@@ -328,7 +335,9 @@ def run_case(case, impls, rounds, runs, warmup):
                     impl.note = f"output check failed: max error {impl.error:.2e} > {CHECK_TOL:g}"
             del out
             for _ in range(warmup):
+                t0 = time.perf_counter()
                 _block(impl.call(), impl.kind)
+                warm_times.append(time.perf_counter() - t0)
             live.append(impl)
         except Skip as exc:
             impl.status, impl.note = "skipped", str(exc)
@@ -336,6 +345,8 @@ def run_case(case, impls, rounds, runs, warmup):
             impl.status = "error"
             impl.note = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
             traceback.print_exc()
+    if warm_times and min_time > 0:
+        runs = max(runs, math.ceil(min_time / (rounds * max(max(warm_times), 1e-6))))
     gc.collect()
     gc_was_enabled = gc.isenabled()
     gc.disable()
@@ -1050,6 +1061,9 @@ def parse_args(argv=None):
                    help="where results.json, results.png and table.rst go (default: benchmarks/results)")
     p.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 25; quick: 1)")
     p.add_argument("--runs", type=int, default=None, help="timed runs per round and implementation (default 2; quick: 3)")
+    p.add_argument("--min-time", type=float, default=None,
+                   help="more runs per round until the slowest implementation of a case has this many seconds "
+                        "of samples (default 0.3; quick: 0)")
     p.add_argument("--warmup", type=int, default=None, help="calls after the first (compiling) one (default 2; quick: 1)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--strict", action="store_true", help="exit with status 2 when a timing target fails")
@@ -1070,6 +1084,8 @@ def parse_args(argv=None):
     else:
         args.cases = list(CASES)
     args.rounds = args.rounds or (1 if args.quick else 25)
+    if args.min_time is None:
+        args.min_time = 0.0 if args.quick else 0.3
     args.runs = args.runs or (3 if args.quick else 2)
     args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
     return args
@@ -1098,7 +1114,7 @@ def main(argv=None):
         rng = np.random.default_rng([args.seed, CASES.index(case)])
         try:
             impls = CASE_FUNCS[case](sh, rng)
-            run_case(case, impls, args.rounds, args.runs, args.warmup)
+            run_case(case, impls, args.rounds, args.runs, args.warmup, args.min_time)
             case_rows = summarize(case, impls, shape_note(case, sh))
         except Exception as exc:
             traceback.print_exc()

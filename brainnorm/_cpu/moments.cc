@@ -144,7 +144,23 @@ void column_block(const float* __restrict__ x, const uint8_t* __restrict__ m, in
   std::fill(t1, t1 + c, 0.0f);
   std::fill(t2, t2 + c, 0.0f);
   std::fill(tn, tn + c, m == nullptr ? static_cast<float>(r1 - r0) : 0.0f);
-  for (int64_t r = r0; r < r1; ++r) {
+  int64_t r = r0;
+  if (m == nullptr) {
+    // four rows per pass over the accumulators: a quarter of their loads and stores
+    for (; r + 4 <= r1; r += 4) {
+      const float* __restrict__ a = x + r * c;
+      const float* __restrict__ b = a + c;
+      const float* __restrict__ e = b + c;
+      const float* __restrict__ f = e + c;
+#pragma omp simd
+      for (int64_t j = 0; j < c; ++j) {
+        const float d0 = a[j] - k[j], d1 = b[j] - k[j], d2 = e[j] - k[j], d3 = f[j] - k[j];
+        t1[j] += (d0 + d1) + (d2 + d3);
+        t2[j] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3);
+      }
+    }
+  }
+  for (; r < r1; ++r) {
     const float* __restrict__ xr = x + r * c;
     if (m == nullptr) {
 #pragma omp simd
