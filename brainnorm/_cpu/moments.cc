@@ -268,21 +268,12 @@ struct Shape {
   int64_t b, r, c;  // groups along B and C; R is reduced
 };
 
-// Statistics of every (b, c) group, in a fixed order of merges.
-std::vector<Acc> group_moments(ffi::ThreadPool& pool, const float* x, const bool* mask, const Shape& s,
-                               bool centered) {
+// Statistics of every (b, c) group of a strided layout (C > 1; contiguous
+// groups are handled in normalize_impl, together with their output), merged
+// chunk by chunk in a fixed order.
+std::vector<Acc> column_group_moments(ffi::ThreadPool& pool, const float* x, const bool* mask, const Shape& s,
+                                      bool centered) {
   std::vector<Acc> acc(static_cast<size_t>(s.b * s.c));
-  if (s.c == 1) {
-    const int64_t per_task = std::max<int64_t>(1, kChunkElements / std::max<int64_t>(s.r, 1));
-    const int64_t tasks = (s.b + per_task - 1) / per_task;
-    parallel_for(pool, tasks, [&](int64_t t) {
-      const int64_t end = std::min(s.b, (t + 1) * per_task);
-      for (int64_t g = t * per_task; g < end; ++g) {
-        acc[g] = row_moments(x + g * s.r, mask ? mask + g * s.r : nullptr, s.r, centered);
-      }
-    });
-    return acc;
-  }
   // at least kMinChunkRows rows per chunk: the partial sums (32 bytes per
   // column and chunk) stay under an eighth of the input for any C
   const int64_t rows_per_chunk = std::max<int64_t>(kMinChunkRows, kChunkElements / s.c);
@@ -389,7 +380,7 @@ ffi::Error normalize_impl(ffi::ThreadPool pool, ffi::AnyBuffer x, const bool* ma
     });
     return ffi::Error::Success();
   }
-  std::vector<Acc> acc = group_moments(pool, xp, mask, s, centered);
+  std::vector<Acc> acc = column_group_moments(pool, xp, mask, s, centered);
   const int64_t groups = s.b * s.c;
   std::vector<float> inv(static_cast<size_t>(groups));
   for (int64_t g = 0; g < groups; ++g) inv[g] = finalize(g, acc[g]);
