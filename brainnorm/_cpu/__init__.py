@@ -114,19 +114,22 @@ def available() -> bool:
     return True
 
 
+def _or_empty(value, dtype):
+    """An absent optional operand as an empty array (the kernel reads its size)."""
+    return jnp.zeros((0,), dtype) if value is None else value
+
+
 def _call(x3, mask3, scale, bias, *, centered, param_axis, eps):
-    b, _, c = x3.shape[-3:]
-    stats = jax.ShapeDtypeStruct(x3.shape[:-2] + (c,), jnp.float32)
-    empty = jnp.zeros((0,), jnp.float32)
+    stats = jax.ShapeDtypeStruct(x3.shape[:-2] + x3.shape[-1:], jnp.float32)
     outs = jax.ffi.ffi_call(
         _TARGET,
         (jax.ShapeDtypeStruct(x3.shape, jnp.float32), stats, stats, stats, stats),
         vmap_method="broadcast_all",
     )(
         x3,
-        jnp.zeros((0,), jnp.bool_) if mask3 is None else mask3,
-        empty if scale is None else scale,
-        empty if bias is None else bias,
+        _or_empty(mask3, jnp.bool_),
+        _or_empty(scale, jnp.float32),
+        _or_empty(bias, jnp.float32),
         centered=bool(centered),
         masked=mask3 is not None,
         param_axis=np.int64(param_axis),
@@ -157,8 +160,8 @@ def _fused_bwd(centered, param_axis, eps, residuals, cotangents):
         _BWD_TARGET, (jax.ShapeDtypeStruct(x3.shape, jnp.float32), param, param), vmap_method="broadcast_all",
     )(
         x3,
-        jnp.zeros((0,), jnp.bool_) if mask3 is None else mask3,
-        jnp.zeros((0,), jnp.float32) if scale is None else scale,
+        _or_empty(mask3, jnp.bool_),
+        _or_empty(scale, jnp.float32),
         dy, hi, lo, var, count, d_lo, d_var,
         centered=bool(centered),
         masked=mask3 is not None,
