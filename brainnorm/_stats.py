@@ -14,7 +14,7 @@ Why a shift. The one-pass variance ``E[x^2] - E[x]^2`` loses every digit when
 thousands), and even the two-pass ``E[(x - mean)^2]`` pays for the rounding of
 the float32 mean when ``x - mean`` is formed and used as the centred value.
 Here each group is shifted by a value ``k`` inside the data: one of its own
-elements (unmasked data; the first element may be padding, so masked data use
+elements (unmasked data; the first elements may be padding, so masked data use
 the float32 masked mean from a first pass). ``x - k`` is then exact for values
 near ``k`` (Sterbenz), the sums of ``x - k`` and ``|x - k|^2`` lose almost
 nothing, and normalizing in the shifted domain ``((x - k) - delta)`` with
@@ -25,18 +25,25 @@ float64 reference at an offset of 1e4. Because ``k`` belongs to the group,
 The shift must be the same number everywhere it is used. XLA may evaluate a
 value in several fusions and contract arithmetic differently in each (fused
 multiply-add), so shifts are stored data values wherever possible: the
-element itself, and when groups or devices are merged, the shift of the
-member with the most valid elements.
+element itself (the larger of the group's first two, taken by a reduction so
+that XLA keeps it in a buffer of its own instead of re-slicing it inside every
+consumer, which its CPU backend runs several times slower), and when groups
+or devices are merged, the shift of the member with the most valid elements.
 
-When the shift is not needed. Reductions of ``x - k`` are several times
-slower than reductions of ``x`` on XLA's CPU backend, and most data are
-centred enough for the one-pass sums: ``_local_sums`` first computes the sums
-of ``x`` and ``|x|^2`` and keeps them when every group satisfies
+Large inputs on the CPU backend. There, reductions of ``x - k`` cost a full
+extra pass over memory (XLA writes the shifted array out first), and most data
+are centred enough for the one-pass sums: ``_guarded_sums`` first computes
+the sums of ``x`` and ``|x|^2`` and keeps them when every group satisfies
 ``|mean| <= 2 std`` (then ``E[x^2] - E[x]^2`` loses at most a factor 5 of
 the sums' precision; relative variance error about 1e-6 in float32). Any other
 group, or a non-finite sum, sends the whole call through the shifted sums (one
 ``lax.cond``; under ``vmap`` it becomes a select and both are computed). The
 one-pass branch returns a shift of 0, so everything downstream is the same.
+The guard is not used for inputs under :data:`GUARD_MIN_ELEMENTS` elements,
+whose time is dominated by kernel launches (the guard's reduction, branch and
+output copies: a LayerNorm inside a simulation loop ran 15 % slower with it),
+nor on other backends, where a data-dependent branch waits for the device
+and XLA fuses the shifted reductions into one read of ``x``.
 
 On XLA's CPU backend, large float32 inputs of the layers skip this module's
 sums for a fused kernel with the same semantics (``brainnorm/_cpu``, called
@@ -167,12 +174,58 @@ def _local_sums(x, axes, mask, use_mean, use_fast_variance) -> _Sums:
     return _Sums(count, shift, s1, s2)
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(3,))
+#: Inputs with at least this many elements try the one-pass sums first on the
+#: CPU backend (:func:`_guarded_sums`); smaller ones, and every input on other
+#: backends, take the shifted sums directly (:func:`_shifted_sums`).
+GUARD_MIN_ELEMENTS = 1 << 16
+
+
 def _robust_sums(valid_x, weight, count, axes):
     """``(shift, sum(x - shift), sum(|x - shift|^2))`` over ``axes`` (kept), valid elements only.
 
     ``weight`` is None or the float mask (``valid_x`` is 0 at padding);
     ``count`` the valid count per group.
+    """
+    shifted = functools.partial(_shifted_sums, valid_x, weight, count, axes)
+    if valid_x.size < GUARD_MIN_ELEMENTS:
+        return shifted()
+    guarded = functools.partial(_guarded_sums, valid_x, weight, count, axes)
+    return jax.lax.platform_dependent(cpu=guarded, default=shifted)
+
+
+def _shifted_sums(valid_x, weight, count, axes, s1=None):
+    """Sums around a shift inside each group, in one pass over ``x`` (two when masked).
+
+    ``s1`` is the masked sum of ``x`` when the caller has it. The shift is a
+    constant under differentiation: the sums are exact functions of ``x`` for
+    any fixed shift.
+    """
+
+    def total(values):
+        return jnp.sum(values, axis=axes, keepdims=True)
+
+    if weight is None:
+        shift = _group_element(valid_x, axes)
+    else:
+        # The first elements may be padding: shift by the masked mean instead,
+        # written as one multiplication so that every fusion rounds it alike.
+        shift = (total(valid_x) if s1 is None else s1) * _reciprocal(count)
+    shift = jax.lax.stop_gradient(shift)
+    centered = _centered(valid_x, weight, shift)
+    return shift, total(centered), total(abs_sq(centered))
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(3,))
+def _guarded_sums(valid_x, weight, count, axes):
+    """:func:`_shifted_sums`, computed from the one-pass sums when they are accurate.
+
+    XLA's CPU backend reduces ``x`` itself several times faster than a shifted
+    ``x``, which it first writes out in full. When every group's ``|mean|`` is
+    within 2 standard deviations, the one-pass variance is as accurate as the
+    shifted one (relative error ~1e-6 in float32), so the sums of ``x`` and
+    ``|x|^2`` are used with a shift of 0; otherwise one ``lax.cond`` computes
+    the shifted sums. The cond's fixed cost (a guard reduction, the branch,
+    copies of its outputs) is what makes small inputs skip this.
     """
 
     def total(values):
@@ -180,27 +233,12 @@ def _robust_sums(valid_x, weight, count, axes):
 
     s1, s2 = total(valid_x), total(abs_sq(valid_x))
 
-    def shifted_sums():
-        if weight is None:
-            # One of the group's own values: it needs no arithmetic, so every
-            # fusion XLA evaluates it in sees the same number, and because it
-            # belongs to the group, (shift - mean)^2 <= n var bounds the
-            # cancellation.
-            shift = _first_element(valid_x, axes)
-        else:
-            # The first element may be padding: shift by the masked mean instead.
-            shift = s1 * _reciprocal(count)
-        centered = _centered(valid_x, weight, shift)
-        return shift, total(centered), total(abs_sq(centered))
-
     def one_pass_sums():
         return jnp.zeros_like(s1), s1, s2
 
-    # The one-pass sums cost one read of x; XLA's CPU backend runs reductions
-    # of a shifted x several times slower, as a separate kernel. When every
-    # group's |mean| is within 2 standard deviations, the one-pass variance is
-    # as accurate as the shifted one (relative error ~1e-6 in float32), so the
-    # shifted sums are only computed when some group needs them.
+    def shifted_sums():
+        return _shifted_sums(valid_x, weight, count, axes, s1=s1)
+
     return jax.lax.cond(_one_pass_is_accurate(count, s1, s2), one_pass_sums, shifted_sums)
 
 
@@ -209,8 +247,8 @@ def _centered(valid_x, weight, shift):
     return centered if weight is None else centered * weight
 
 
-@_robust_sums.defjvp
-def _robust_sums_jvp(axes, primals, tangents):
+@_guarded_sums.defjvp
+def _guarded_sums_jvp(axes, primals, tangents):
     # Both branches compute the same moments and the shift is a constant, so
     # the derivative is that of the shifted sums for whichever shift was
     # used: sum(dx) and sum(2 Re(conj(x - shift) dx)). Written here, outside
@@ -218,7 +256,7 @@ def _robust_sums_jvp(axes, primals, tangents):
     # residuals of both branches through the cond.
     valid_x, weight, count = primals
     d_x = tangents[0]
-    shift, s1, s2 = _robust_sums(valid_x, weight, count, axes)
+    shift, s1, s2 = _guarded_sums(valid_x, weight, count, axes)
     centered = _centered(valid_x, weight, shift)
     d_s1 = jnp.sum(d_x, axis=axes, keepdims=True)
     d_s2 = jnp.sum(2 * jnp.real(jnp.conj(centered) * d_x), axis=axes, keepdims=True)
@@ -352,10 +390,28 @@ def compute_group_moments(
     return Moments(*(per_channel(v) for v in moments))
 
 
-def _first_element(x, axes):
-    """The element at index 0 of every reduced axis, reduced axes kept."""
-    index = tuple(slice(0, 1) if i in axes else slice(None) for i in range(x.ndim))
-    return x[index]
+def _group_element(x, axes):
+    """One of each group's own values, reduced axes kept with size 1.
+
+    The larger of the group's first two elements along one reduced axis: a
+    value of the group (no arithmetic, so every fusion sees the same number,
+    and ``(shift - mean)^2 <= n var`` bounds the cancellation), computed by a
+    reduction so that XLA stores it in a buffer of its own. A plain slice
+    would be re-read inside every consumer fusion, which XLA's CPU backend
+    runs several times slower than broadcasting a stored value.
+    """
+    pairs = [a for a in axes if x.shape[a] >= 2]
+    along = pairs[-1] if pairs else None
+    index = tuple(
+        slice(0, 2) if i == along else slice(0, 1) if i in axes else slice(None) for i in range(x.ndim)
+    )
+    first = x[index]
+    if along is None:
+        return first  # groups of one element
+    if jnp.iscomplexobj(first):
+        # complex numbers have no order: the first element
+        return jax.lax.slice_in_dim(first, 0, 1, axis=along)
+    return jnp.max(first, axis=along, keepdims=True)
 
 
 def _kept_shape(shape, axes):

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 import brainnorm
+from brainnorm import _stats
 from brainnorm import functional as F
 
 from . import reference as ref
@@ -43,6 +44,15 @@ def max_error(actual, expected):
 # ---------------------------------------------------------------------------
 # 1. Fast (one-pass) variance by default
 # ---------------------------------------------------------------------------
+
+
+@pytest.fixture(params=["shifted", "guarded"])
+def core_path(request, monkeypatch):
+    """Both ways the core computes the default sums: directly around a shift
+    (small inputs, other backends), or from the one-pass sums behind the guard
+    (large inputs on the CPU backend). The choice is made at trace time."""
+    monkeypatch.setattr(_stats, "GUARD_MIN_ELEMENTS", 0 if request.param == "guarded" else 1 << 62)
+    return request.param
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +92,7 @@ def _offset_cases():
 
 @pytest.mark.parametrize("masked", [False, True], ids=["unmasked", "masked"])
 @pytest.mark.parametrize("name", list(_offset_cases()))
-def test_layernorm_large_offset_default_is_robust(offset_data, name, masked):
+def test_layernorm_large_offset_default_is_robust(core_path, offset_data, name, masked):
     """Default statistics of every layer stay accurate for |mean| / std = 1e4 in float32."""
     factory, shape, reference = _offset_cases()[name]
     x, mask = offset_data
@@ -95,7 +105,7 @@ def test_layernorm_large_offset_default_is_robust(offset_data, name, masked):
 
 
 @pytest.mark.parametrize("masked", [False, True], ids=["unmasked", "masked"])
-def test_layernorm_large_offset_functional_is_robust(offset_data, masked):
+def test_layernorm_large_offset_functional_is_robust(core_path, offset_data, masked):
     x, mask = offset_data
     mask = mask if masked else None
     y = F.layer_norm(x, mask=mask)
@@ -128,7 +138,7 @@ def _relative_variance_error(x, mask=None):
 
 @pytest.mark.parametrize("masked", [False, True], ids=["unmasked", "masked"])
 @pytest.mark.parametrize("ratio", [0.0, 1.0, 1.9, 2.1, 8.0, 1e3])
-def test_default_variance_is_accurate_on_both_sides_of_the_one_pass_guard(rng, ratio, masked):
+def test_default_variance_is_accurate_on_both_sides_of_the_one_pass_guard(core_path, rng, ratio, masked):
     """|mean| / std just below 2 uses the one-pass sums, just above it the shifted ones: both stay accurate."""
     from brainnorm._stats import _one_pass_is_accurate
 
@@ -146,7 +156,7 @@ def test_default_variance_is_accurate_on_both_sides_of_the_one_pass_guard(rng, r
         assert bool(_one_pass_is_accurate(jnp.asarray(count, jnp.float32), s1, s2)) == (ratio < 2)
 
 
-def test_empty_batch_has_no_groups_to_guard():
+def test_empty_batch_has_no_groups_to_guard(core_path):
     """A batch of zero examples: the one-pass guard reduces over no groups (regression)."""
     empty = np.zeros((0, 16), np.float32)
     assert jax.jit(lambda v: F.layer_norm(v))(empty).shape == (0, 16)
@@ -165,15 +175,15 @@ def test_one_pass_guard_rejects_non_finite_sums():
         assert not bool(_one_pass_is_accurate(count, finite[0], s2))
 
 
-def test_one_ill_conditioned_group_makes_every_group_exact(rng):
-    """One offset row among well-conditioned ones: the whole call takes the shifted sums."""
+def test_one_ill_conditioned_group_makes_every_group_exact(core_path, rng):
+    """One offset row among well-conditioned ones: behind the guard the whole call takes the shifted sums."""
     x = rng.standard_normal((32, 256)).astype(np.float32)
     x[7] += 1e4
     y = jax.jit(lambda v: F.layer_norm(v))(x)
     assert max_error(y, ref.normalize(x, -1, None, 1e-6)) < 1e-4
 
 
-def test_one_pass_guard_under_vmap_matches_reference(rng):
+def test_one_pass_guard_under_vmap_matches_reference(core_path, rng):
     """Under vmap the guard is per example (the branches become a select): every example stays exact."""
     x = rng.standard_normal((4, 16, 128)).astype(np.float32)
     x[1] += 1e4
@@ -182,8 +192,38 @@ def test_one_pass_guard_under_vmap_matches_reference(rng):
     assert max_error(y, ref.normalize(x, -1, None, 1e-6)) < 1e-4
 
 
+def test_guard_only_where_its_fixed_cost_pays():
+    """Small inputs (a simulation step) compile without the guard's cond; large ones on the CPU backend keep it.
+
+    The guard costs a reduction over the groups, a branch and copies of its
+    outputs: several kernel launches per call, which dominate a 64 x 128 step
+    inside a loop. A large input saves a full pass over memory with it.
+    """
+    assert _stats.GUARD_MIN_ELEMENTS > 64 * 128
+    step = jax.jit(lambda v: F.moments(v, -1)).lower(jnp.ones((64, 128), jnp.float32)).compile().as_text()
+    assert "conditional" not in step
+    if jax.default_backend() == "cpu":
+        large = jnp.ones((256, 1024), jnp.float32)
+        assert large.size >= _stats.GUARD_MIN_ELEMENTS
+        assert "conditional" in jax.jit(lambda v: F.moments(v, -1)).lower(large).compile().as_text()
+
+
+def test_shift_is_one_of_the_groups_values(rng):
+    """The unmasked shift is a stored value of each group, so a constant group is centred exactly."""
+    x = (1e4 + rng.standard_normal((8, 3, 5))).astype(np.float32)
+    for axes in [(-1,), (1, 2), (0, 2)]:
+        shift = _stats._group_element(jnp.asarray(x), tuple(a % 3 for a in axes))
+        members = np.moveaxis(x, [a % 3 for a in axes], list(range(-len(axes), 0)))
+        members = members.reshape(members.shape[:3 - len(axes)] + (-1,))
+        flat = np.asarray(shift).reshape(members.shape[:-1] + (1,))
+        assert np.all(np.any(members == flat, axis=-1))
+    constant = np.full((4, 96), 1e4 + 0.1, np.float32)
+    y = F.layer_norm(constant, bias=jnp.full((96,), 0.25, jnp.float32))
+    assert np.all(np.asarray(y) == np.float32(0.25))
+
+
 @pytest.mark.parametrize("offset", [0.0, 1e3], ids=["one-pass", "shifted"])
-def test_layernorm_gradients_on_both_sides_of_the_one_pass_guard(rng, offset):
+def test_layernorm_gradients_on_both_sides_of_the_one_pass_guard(core_path, rng, offset):
     from . import reference_training as reft
 
     x = (offset + rng.standard_normal((8, 64))).astype(np.float32)
