@@ -109,6 +109,18 @@ CASES = {
         lambda x, m, s, b: ref.normalize(x, (1,), m, 1e-5, s, b),
         (4, 40, 6), (6,), (4, 40, 1),
     ),
+    # channel counts that are multiples of 16 take the register tiles of the
+    # unmasked column sums (80 = 64 + 16 over two chunks of rows, 48 in one tile)
+    "BatchNorm channels-last, 80 channels": (
+        lambda x, m, s, b: F.batch_norm(x, jnp.zeros(80), jnp.ones(80), s, b, training=True, mask=m)[0],
+        lambda x, m, s, b: ref.normalize(x, (0, 1, 2), m, 1e-5, s, b),
+        (10, 7, 9, 80), (80,), (10, 7, 1, 1),
+    ),
+    "InstanceNorm, 48 channels": (
+        lambda x, m, s, b: F.instance_norm(x, s, b, mask=m),
+        lambda x, m, s, b: ref.normalize(x, (1,), m, 1e-5, s, b),
+        (3, 70, 48), (48,), (3, 70, 1),
+    ),
 }
 
 
@@ -268,12 +280,17 @@ def test_scan_loop_matches_per_step_calls(rng):
         assert max_error(ys[t], ref.normalize(xs[t], -1, None, 1e-6)) < 5e-6
 
 
-@pytest.mark.parametrize("value", [0.0, 1e-30, 1e4, -3e17])
+@pytest.mark.parametrize("value", [0.0, 1e-30, 1e4, -3e17, 1e4 + 0.1])
 def test_constant_groups_give_the_bias_exactly(value):
     x = np.full((4, 64), value, np.float32)
     bias = np.arange(64, dtype=np.float32)
     y = jax.jit(lambda v: F.layer_norm(v, None, bias))(x)
     np.testing.assert_array_equal(np.asarray(y), np.broadcast_to(bias, x.shape))
+    # the column layout (BatchNorm channels-last), 64 channels in one register tile
+    columns = np.full((50, 64), value, np.float32)
+    y = jax.jit(lambda v: F.batch_norm(v, jnp.zeros(64), jnp.ones(64), None, bias, training=True)[0])(columns)
+    assert FWD in hlo(lambda v: F.batch_norm(v, jnp.zeros(64), jnp.ones(64), None, bias, training=True)[0], columns)
+    np.testing.assert_array_equal(np.asarray(y), np.broadcast_to(bias, columns.shape))
     dx = jax.jit(jax.grad(lambda v: jnp.sum(F.layer_norm(v) * v)))(x)
     assert np.all(np.isfinite(np.asarray(dx)))
 

@@ -5,11 +5,13 @@
 // into B: C is the last dimension of the outputs, B = outputs / C and
 // R = inputs / (B * C).
 //
-// Each group is accumulated around a shift, its first valid element: in
-// float32 over short blocks, then in double. Sums of x - shift and (x - shift)^2 then lose nothing that float32
+// Each group is accumulated around a shift close to its mean (the mean of
+// its first block of valid values): in float32 over short blocks, then in
+// double. Sums of x - shift and (x - shift)^2 then lose nothing that float32
 // data can show, at any offset, and the mean is returned as two float32 values
 // hi + lo so that ((x - hi) - lo) keeps that precision when the data are
-// normalized in float32. Groups are split into fixed chunks that are merged
+// normalized in float32 (strided groups compute it as (x - hi) * factor +
+// (bias - lo * factor), one rounding fewer). Groups are split into fixed chunks that are merged
 // in a fixed order (the pairwise update of Chan, Golub and LeVeque), so the
 // result does not depend on the number of threads.
 //
@@ -182,16 +184,65 @@ void column_block(const float* __restrict__ x, const uint8_t* __restrict__ m, in
   }
 }
 
+// Unmasked column sums of rows [r0, r1) for C consecutive columns (a
+// compile-time count) of rows ld floats apart: the accumulators stay in
+// registers for the whole block instead of going through memory.
+template <int C>
+void column_tile(const float* __restrict__ x, int64_t ld, int64_t r0, int64_t r1, const float* __restrict__ k,
+                 float* __restrict__ t1, float* __restrict__ t2) {
+  float a[C], b[C], kk[C];
+  for (int j = 0; j < C; ++j) {
+    a[j] = 0.0f;
+    b[j] = 0.0f;
+    kk[j] = k[j];
+  }
+  for (int64_t r = r0; r < r1; ++r) {
+    const float* __restrict__ xr = x + r * ld;
+#pragma omp simd
+    for (int j = 0; j < C; ++j) {
+      const float d = xr[j] - kk[j];
+      a[j] += d;
+      b[j] += d * d;
+    }
+  }
+  for (int j = 0; j < C; ++j) {
+    t1[j] = a[j];
+    t2[j] = b[j];
+  }
+}
+
+// column_block without a mask, for c a multiple of kTile: tiles of up to
+// 4 kTile columns.
+constexpr int64_t kTile = 16;
+
+void column_block_tiled(const float* x, int64_t r0, int64_t r1, int64_t c, const float* k, float* t1, float* t2,
+                        float* tn) {
+  for (int64_t j0 = 0; j0 < c; j0 += 4 * kTile) {
+    const float* xj = x + j0;
+    switch (std::min<int64_t>(c - j0, 4 * kTile) / kTile) {
+      case 4: column_tile<4 * kTile>(xj, c, r0, r1, k + j0, t1 + j0, t2 + j0); break;
+      case 3: column_tile<3 * kTile>(xj, c, r0, r1, k + j0, t1 + j0, t2 + j0); break;
+      case 2: column_tile<2 * kTile>(xj, c, r0, r1, k + j0, t1 + j0, t2 + j0); break;
+      default: column_tile<kTile>(xj, c, r0, r1, k + j0, t1 + j0, t2 + j0); break;
+    }
+  }
+  std::fill(tn, tn + c, static_cast<float>(r1 - r0));
+}
+
 void column_moments(const float* x, const bool* m, int64_t r0, int64_t r1, int64_t c, bool centered,
                     Acc* out) {
   const uint8_t* mb = reinterpret_cast<const uint8_t*>(m);
   const int64_t rows_per_block = std::max<int64_t>(1, kBlock / 8);
-  std::vector<float> k(c, 0.0f), t1(c), t2(c), tn(c);
+  std::vector<float> scratch(static_cast<size_t>(4 * c), 0.0f);
+  float* k = scratch.data();
+  float* t1 = k + c;
+  float* t2 = t1 + c;
+  float* tn = t2 + c;
   if (centered) {
     // The shift of every column: the mean of its valid values in the first
     // block, or its first valid value when that block has none.
     const int64_t b1 = std::min(r1, r0 + rows_per_block);
-    column_block(x, mb, r0, b1, c, k.data(), t1.data(), t2.data(), tn.data());
+    column_block(x, mb, r0, b1, c, k, t1, t2, tn);
     for (int64_t j = 0; j < c; ++j) {
       if (tn[j] > 0) {
         k[j] = t1[j] / tn[j];
@@ -205,10 +256,17 @@ void column_moments(const float* x, const bool* m, int64_t r0, int64_t r1, int64
       }
     }
   }
-  std::vector<double> s1(c, 0.0), s2(c, 0.0), n(c, 0.0);
+  std::vector<double> totals(static_cast<size_t>(3 * c), 0.0);
+  double* s1 = totals.data();
+  double* s2 = s1 + c;
+  double* n = s2 + c;
   for (int64_t b0 = r0; b0 < r1; b0 += rows_per_block) {
     const int64_t b1 = std::min(r1, b0 + rows_per_block);
-    column_block(x, mb, b0, b1, c, k.data(), t1.data(), t2.data(), tn.data());
+    if (mb == nullptr && c % kTile == 0) {
+      column_block_tiled(x, b0, b1, c, k, t1, t2, tn);
+    } else {
+      column_block(x, mb, b0, b1, c, k, t1, t2, tn);
+    }
 #pragma omp simd
     for (int64_t j = 0; j < c; ++j) {
       s1[j] += t1[j];
@@ -387,6 +445,34 @@ ffi::Error normalize_impl(ffi::ThreadPool pool, ffi::AnyBuffer x, const bool* ma
   // second pass, over row blocks of every group
   const int64_t rows_per_task = std::max<int64_t>(1, kChunkElements / std::max<int64_t>(s.c, 1));
   const int64_t r_tasks = (s.r + rows_per_task - 1) / rows_per_task;
+  if (aff.axis == 2) {
+    // y = (x - hi) * factor + offset, with offset = bias - lo * factor: the
+    // low part of the mean folded into the offset (one rounding fewer).
+    std::vector<float> factor(static_cast<size_t>(groups)), offset(static_cast<size_t>(groups));
+    for (int64_t g = 0; g < s.b; ++g) {
+      const float *sc, *bi;
+      affine_rows(g, &sc, &bi);
+      for (int64_t j = 0; j < s.c; ++j) {
+        const float f = inv[g * s.c + j] * (sc ? sc[j] : 1.0f);
+        factor[g * s.c + j] = f;
+        offset[g * s.c + j] = static_cast<float>((bi ? bi[j] : 0.0) - static_cast<double>(lp[g * s.c + j]) * f);
+      }
+    }
+    parallel_for(pool, s.b * r_tasks, [&](int64_t t) {
+      const int64_t g = t / r_tasks;
+      const int64_t r0 = (t % r_tasks) * rows_per_task, r1 = std::min(s.r, r0 + rows_per_task);
+      const float* __restrict__ hg = hp + g * s.c;
+      const float* __restrict__ fg = factor.data() + g * s.c;
+      const float* __restrict__ og = offset.data() + g * s.c;
+      for (int64_t r = r0; r < r1; ++r) {
+        const float* __restrict__ xr = xp + (g * s.r + r) * s.c;
+        float* __restrict__ yr = y + (g * s.r + r) * s.c;
+#pragma omp simd
+        for (int64_t j = 0; j < s.c; ++j) yr[j] = (xr[j] - hg[j]) * fg[j] + og[j];
+      }
+    });
+    return ffi::Error::Success();
+  }
   parallel_for(pool, s.b * r_tasks, [&](int64_t t) {
     const int64_t g = t / r_tasks;
     const int64_t r0 = (t % r_tasks) * rows_per_task, r1 = std::min(s.r, r0 + rows_per_task);
@@ -395,22 +481,6 @@ ffi::Error normalize_impl(ffi::ThreadPool pool, ffi::AnyBuffer x, const bool* ma
     const float* hg = hp + g * s.c;
     const float* lg = lp + g * s.c;
     const float* ig = inv.data() + g * s.c;
-    if (aff.axis == 2) {
-      std::vector<float> factor(s.c), offset(s.c);
-      for (int64_t j = 0; j < s.c; ++j) {
-        factor[j] = ig[j] * (sc ? sc[j] : 1.0f);
-        offset[j] = bi ? bi[j] : 0.0f;
-      }
-      const float* __restrict__ fp = factor.data();
-      const float* __restrict__ op = offset.data();
-      for (int64_t r = r0; r < r1; ++r) {
-        const float* __restrict__ xr = xp + (g * s.r + r) * s.c;
-        float* __restrict__ yr = y + (g * s.r + r) * s.c;
-#pragma omp simd
-        for (int64_t j = 0; j < s.c; ++j) yr[j] = ((xr[j] - hg[j]) - lg[j]) * fp[j] + op[j];
-      }
-      return;
-    }
     for (int64_t r = r0; r < r1; ++r) {
       const float* __restrict__ xr = xp + (g * s.r + r) * s.c;
       float* __restrict__ yr = y + (g * s.r + r) * s.c;
