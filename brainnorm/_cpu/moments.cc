@@ -24,13 +24,19 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cmath>
 #include <cstring>
 #include <condition_variable>
 #include <cstdint>
 #include <memory>
 #include <mutex>
+#include <thread>
 #include <vector>
+
+#if defined(__linux__)
+#include <sched.h>
+#endif
 
 #include "xla/ffi/api/ffi.h"
 
@@ -284,39 +290,126 @@ void column_moments(const float* x, const bool* m, int64_t r0, int64_t r1, int64
   }
 }
 
-// Runs fn(i) for i in [0, tasks) on the intra-op thread pool and the calling
-// thread. Work is claimed from a shared counter, so tasks that start late
-// find nothing left; the caller waits only for claimed work.
-template <typename F>
-void parallel_for(ffi::ThreadPool& pool, int64_t tasks, F fn) {
-  const int64_t threads = std::min<int64_t>(std::max<int64_t>(pool.num_threads(), 1), tasks);
+// Work shared by the calling thread and the intra-op thread pool, in two
+// phases: first(i) for i in [0, n1), then between() once, on the thread that
+// finishes the last first(i), then second(i) for i in [0, n2).
+// - Tasks are claimed from one counter, so a helper that starts late finds
+//   fewer (or no) tasks left, and the caller waits only for claimed work.
+// - Each helper is scheduled once per call and stays for both phases: on a
+//   virtual machine a sleeping pool thread takes tens of microseconds to wake
+//   (measured: 40-100 us on the development VM), a large part of a pass over
+//   a few MiB.
+// - The waits (for another thread's last task, or for between()) are a few
+//   microseconds: they spin for a while before they block.
+struct TeamState {
+  std::atomic<int64_t> next{0};
+  std::atomic<int64_t> done1{0}, done2{0};
+  std::atomic<bool> ready{false};  // between() has returned
+  std::mutex mu;
+  std::condition_variable cv;
+  std::atomic<int> caller_cpu{-1};
+
+  // Whether this thread should claim another task. The scheduler sometimes
+  // wakes a helper on the CPU the caller runs on; the two then take turns on
+  // one CPU, and each wait for the other spins while the other cannot run.
+  // A helper that finds itself there leaves the work to the caller.
+  bool claim_on_this_cpu(bool helper) {
+#if defined(__linux__)
+    const int cpu = sched_getcpu();
+    if (!helper) {
+      caller_cpu.store(cpu, std::memory_order_relaxed);
+      return true;
+    }
+    return cpu < 0 || cpu != caller_cpu.load(std::memory_order_relaxed);
+#else
+    (void)helper;
+    return true;
+#endif
+  }
+
+  template <typename P>
+  void await(P pred) {
+    if (pred()) return;
+    const auto limit = std::chrono::steady_clock::now() + std::chrono::microseconds(kSpinMicros);
+    for (int i = 1;; ++i) {
+      spin_pause();
+      if (pred()) return;
+      if (i % 64 == 0 && std::chrono::steady_clock::now() > limit) break;
+    }
+    std::unique_lock<std::mutex> lock(mu);
+    cv.wait(lock, pred);
+  }
+  void wake() {
+    std::lock_guard<std::mutex> lock(mu);
+    cv.notify_all();
+  }
+
+  static constexpr int64_t kSpinMicros = 50;
+  static void spin_pause() {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#else
+    std::this_thread::yield();
+#endif
+  }
+};
+
+struct NoWork {
+  void operator()() const {}
+  void operator()(int64_t) const {}
+};
+
+template <typename F1, typename B, typename F2>
+void phased_for(ffi::ThreadPool& pool, int64_t n1, F1 first, B between, int64_t n2, F2 second) {
+  const int64_t threads = std::min<int64_t>(std::max<int64_t>(pool.num_threads(), 1), std::max(n1, n2));
   if (threads <= 1) {
-    for (int64_t i = 0; i < tasks; ++i) fn(i);
+    for (int64_t i = 0; i < n1; ++i) first(i);
+    between();
+    for (int64_t i = 0; i < n2; ++i) second(i);
     return;
   }
-  struct State {
-    std::atomic<int64_t> next{0};
-    int64_t done = 0;
-    std::mutex mu;
-    std::condition_variable cv;
-  };
-  auto state = std::make_shared<State>();
-  // Helpers touch fn only while they hold claimed work, and the caller waits
-  // until all claimed work is done, so fn (on the caller's stack) outlives
-  // every use; a helper that starts late finds nothing and touches only state.
-  auto work = [state, tasks, &fn]() {
-    int64_t mine = 0;
-    for (int64_t i; (i = state->next.fetch_add(1)) < tasks; ++mine) fn(i);
-    if (mine > 0) {
-      std::lock_guard<std::mutex> lock(state->mu);
-      state->done += mine;
-      if (state->done == tasks) state->cv.notify_all();
+  if (n1 == 0) {
+    between();
+    phased_for(pool, n2, second, NoWork{}, 0, NoWork{});
+    return;
+  }
+  auto state = std::make_shared<TeamState>();
+  TeamState& st = *state;
+  // A thread touches first, between and second only while it holds claimed
+  // work, and the caller returns only when all claimed work is done, so they
+  // (on the caller's stack) outlive every use; a helper that starts late
+  // finds nothing and touches only the shared state.
+  auto work = [state, n1, n2, &first, &between, &second](bool helper) {
+    TeamState& st = *state;
+    const auto ready = [&st] { return st.ready.load(std::memory_order_acquire); };
+    for (int64_t i;;) {
+      if (!st.claim_on_this_cpu(helper)) return;
+      if ((i = st.next.fetch_add(1, std::memory_order_relaxed)) >= n1 + n2) break;
+      if (i < n1) {
+        first(i);
+        if (st.done1.fetch_add(1, std::memory_order_acq_rel) + 1 == n1) {
+          between();
+          st.ready.store(true, std::memory_order_release);
+          st.wake();
+        }
+        continue;
+      }
+      st.await(ready);
+      second(i - n1);
+      if (st.done2.fetch_add(1, std::memory_order_acq_rel) + 1 == n2) st.wake();
     }
   };
-  for (int64_t t = 1; t < threads; ++t) pool.Schedule(decltype(work)(work));
-  work();
-  std::unique_lock<std::mutex> lock(state->mu);
-  state->cv.wait(lock, [&] { return state->done == tasks; });
+  for (int64_t t = 1; t < threads; ++t) pool.Schedule([work] { work(true); });
+  work(false);
+  st.await([&st, n1, n2] {
+    return st.ready.load(std::memory_order_acquire) && st.done2.load(std::memory_order_acquire) == n2;
+  });
+}
+
+// fn(i) for i in [0, tasks), shared with the thread pool.
+template <typename F>
+void parallel_for(ffi::ThreadPool& pool, int64_t tasks, F fn) {
+  phased_for(pool, tasks, fn, NoWork{}, 0, NoWork{});
 }
 
 constexpr int64_t kChunkElements = 1 << 15;  // elements per task
@@ -327,31 +420,44 @@ struct Shape {
 };
 
 // Statistics of every (b, c) group of a strided layout (C > 1; contiguous
-// groups are handled in normalize_impl, together with their output), merged
-// chunk by chunk in a fixed order.
-std::vector<Acc> column_group_moments(ffi::ThreadPool& pool, const float* x, const bool* mask, const Shape& s,
-                                      bool centered) {
-  std::vector<Acc> acc(static_cast<size_t>(s.b * s.c));
-  // at least kMinChunkRows rows per chunk: the partial sums (32 bytes per
-  // column and chunk) stay under an eighth of the input for any C
-  const int64_t rows_per_chunk = std::max<int64_t>(kMinChunkRows, kChunkElements / s.c);
-  const int64_t chunks = std::max<int64_t>(1, (s.r + rows_per_chunk - 1) / rows_per_chunk);
-  std::vector<Acc> partial(static_cast<size_t>(s.b * chunks * s.c));
-  parallel_for(pool, s.b * chunks, [&](int64_t t) {
+// groups are handled in normalize_impl, together with their output): one
+// task per (b, chunk of rows), merged chunk by chunk in a fixed order.
+struct ColumnMoments {
+  const float* x;
+  const bool* mask;
+  Shape s;
+  bool centered;
+  int64_t rows_per_chunk, chunks;
+  std::vector<Acc> partial;
+
+  ColumnMoments(const float* x_, const bool* mask_, const Shape& s_, bool centered_)
+      : x(x_), mask(mask_), s(s_), centered(centered_),
+        // at least kMinChunkRows rows per chunk: the partial sums (32 bytes
+        // per column and chunk) stay under an eighth of the input for any C
+        rows_per_chunk(std::max<int64_t>(kMinChunkRows, kChunkElements / s_.c)),
+        chunks(std::max<int64_t>(1, (s_.r + rows_per_chunk - 1) / rows_per_chunk)),
+        partial(static_cast<size_t>(s_.b * chunks * s_.c)) {}
+
+  int64_t tasks() const { return s.b * chunks; }
+
+  void run(int64_t t) {
     const int64_t g = t / chunks, chunk = t % chunks;
     const int64_t r0 = chunk * rows_per_chunk, r1 = std::min(s.r, r0 + rows_per_chunk);
     const int64_t offset = g * s.r * s.c;
-    column_moments(x + offset, mask ? mask + offset : nullptr, r0, r1, s.c, centered,
-                   partial.data() + t * s.c);
-  });
-  for (int64_t g = 0; g < s.b; ++g) {
-    for (int64_t chunk = 0; chunk < chunks; ++chunk) {
-      const Acc* p = partial.data() + (g * chunks + chunk) * s.c;
-      for (int64_t j = 0; j < s.c; ++j) acc[g * s.c + j].merge(p[j]);
-    }
+    column_moments(x + offset, mask ? mask + offset : nullptr, r0, r1, s.c, centered, partial.data() + t * s.c);
   }
-  return acc;
-}
+
+  std::vector<Acc> merged() const {
+    std::vector<Acc> acc(static_cast<size_t>(s.b * s.c));
+    for (int64_t g = 0; g < s.b; ++g) {
+      for (int64_t chunk = 0; chunk < chunks; ++chunk) {
+        const Acc* p = partial.data() + (g * chunks + chunk) * s.c;
+        for (int64_t j = 0; j < s.c; ++j) acc[g * s.c + j].merge(p[j]);
+      }
+    }
+    return acc;
+  }
+};
 
 // y = ((x - hi) - lo) * inv * scale + bias over the whole array; the affine
 // parameters vary along R (param_axis 1) or C (param_axis 2), one row of them
@@ -438,29 +544,40 @@ ffi::Error normalize_impl(ffi::ThreadPool pool, ffi::AnyBuffer x, const bool* ma
     });
     return ffi::Error::Success();
   }
-  std::vector<Acc> acc = column_group_moments(pool, xp, mask, s, centered);
+  // Strided groups: the statistics of every group (phase one), then the
+  // output over row blocks (phase two), by one team of threads.
+  ColumnMoments moments(xp, mask, s, centered);
   const int64_t groups = s.b * s.c;
   std::vector<float> inv(static_cast<size_t>(groups));
-  for (int64_t g = 0; g < groups; ++g) inv[g] = finalize(g, acc[g]);
-  // second pass, over row blocks of every group
   const int64_t rows_per_task = std::max<int64_t>(1, kChunkElements / std::max<int64_t>(s.c, 1));
   const int64_t r_tasks = (s.r + rows_per_task - 1) / rows_per_task;
+  auto rows_of = [&](int64_t t, int64_t* g, int64_t* r0, int64_t* r1) {
+    t = s.b * r_tasks - 1 - t;
+    *g = t / r_tasks;
+    *r0 = (t % r_tasks) * rows_per_task;
+    *r1 = std::min(s.r, *r0 + rows_per_task);
+  };
+  auto stats_task = [&](int64_t t) { moments.run(t); };
   if (aff.axis == 2) {
     // y = (x - hi) * factor + offset, with offset = bias - lo * factor: the
     // low part of the mean folded into the offset (one rounding fewer).
     std::vector<float> factor(static_cast<size_t>(groups)), offset(static_cast<size_t>(groups));
-    for (int64_t g = 0; g < s.b; ++g) {
-      const float *sc, *bi;
-      affine_rows(g, &sc, &bi);
-      for (int64_t j = 0; j < s.c; ++j) {
-        const float f = inv[g * s.c + j] * (sc ? sc[j] : 1.0f);
-        factor[g * s.c + j] = f;
-        offset[g * s.c + j] = static_cast<float>((bi ? bi[j] : 0.0) - static_cast<double>(lp[g * s.c + j]) * f);
+    auto finish = [&] {
+      const std::vector<Acc> acc = moments.merged();
+      for (int64_t g = 0; g < groups; ++g) inv[g] = finalize(g, acc[g]);
+      for (int64_t g = 0; g < s.b; ++g) {
+        const float *sc, *bi;
+        affine_rows(g, &sc, &bi);
+        for (int64_t j = 0; j < s.c; ++j) {
+          const float f = inv[g * s.c + j] * (sc ? sc[j] : 1.0f);
+          factor[g * s.c + j] = f;
+          offset[g * s.c + j] = static_cast<float>((bi ? bi[j] : 0.0) - static_cast<double>(lp[g * s.c + j]) * f);
+        }
       }
-    }
-    parallel_for(pool, s.b * r_tasks, [&](int64_t t) {
-      const int64_t g = t / r_tasks;
-      const int64_t r0 = (t % r_tasks) * rows_per_task, r1 = std::min(s.r, r0 + rows_per_task);
+    };
+    phased_for(pool, moments.tasks(), stats_task, finish, s.b * r_tasks, [&](int64_t t) {
+      int64_t g, r0, r1;
+      rows_of(t, &g, &r0, &r1);
       const float* __restrict__ hg = hp + g * s.c;
       const float* __restrict__ fg = factor.data() + g * s.c;
       const float* __restrict__ og = offset.data() + g * s.c;
@@ -473,9 +590,13 @@ ffi::Error normalize_impl(ffi::ThreadPool pool, ffi::AnyBuffer x, const bool* ma
     });
     return ffi::Error::Success();
   }
-  parallel_for(pool, s.b * r_tasks, [&](int64_t t) {
-    const int64_t g = t / r_tasks;
-    const int64_t r0 = (t % r_tasks) * rows_per_task, r1 = std::min(s.r, r0 + rows_per_task);
+  auto finish = [&] {
+    const std::vector<Acc> acc = moments.merged();
+    for (int64_t g = 0; g < groups; ++g) inv[g] = finalize(g, acc[g]);
+  };
+  phased_for(pool, moments.tasks(), stats_task, finish, s.b * r_tasks, [&](int64_t t) {
+    int64_t g, r0, r1;
+    rows_of(t, &g, &r0, &r1);
     const float *sc, *bi;
     affine_rows(g, &sc, &bi);
     const float* hg = hp + g * s.c;
@@ -654,7 +775,7 @@ ffi::Error backward_impl(ffi::ThreadPool& pool, const Backward& k, const Shape& 
     }
     // per chunk and column: sum dy, sum dy x_hat (g = dy * scale[c] is constant-scaled per column)
     std::vector<double> p_dy(static_cast<size_t>(s.b * chunks * s.c), 0.0), p_dyx(p_dy.size(), 0.0);
-    parallel_for(pool, s.b * chunks, [&](int64_t t) {
+    auto sums = [&](int64_t t) {
       const int64_t b = t / chunks, chunk = t % chunks;
       const int64_t r0 = chunk * rows_per_chunk, r1 = std::min(s.r, r0 + rows_per_chunk);
       std::vector<float> a(s.c, 0.0f), bsum(s.c, 0.0f);
@@ -684,30 +805,34 @@ ffi::Error backward_impl(ffi::ThreadPool& pool, const Backward& k, const Shape& 
         p_dy[t * s.c + j] += ap[j];
         p_dyx[t * s.c + j] += bp[j];
       }
-    });
+    };
     std::vector<float> a_g(groups), a_gx(groups), a_var(groups), a_lo(groups), gsc(groups);
-    for (int64_t b = 0; b < s.b; ++b) {
-      const int64_t prow = b / aff.b_inner;
-      const float* sc = aff.scale ? aff.scale + (aff.scale_rows > 1 ? prow * plen : 0) : nullptr;
-      for (int64_t j = 0; j < s.c; ++j) {
-        double sdy = 0, sdyx = 0;
-        for (int64_t chunk = 0; chunk < chunks; ++chunk) {
-          sdy += p_dy[(b * chunks + chunk) * s.c + j];
-          sdyx += p_dyx[(b * chunks + chunk) * s.c + j];
+    auto combine = [&] {
+      for (int64_t b = 0; b < s.b; ++b) {
+        const int64_t prow = b / aff.b_inner;
+        const float* sc = aff.scale ? aff.scale + (aff.scale_rows > 1 ? prow * plen : 0) : nullptr;
+        for (int64_t j = 0; j < s.c; ++j) {
+          double sdy = 0, sdyx = 0;
+          for (int64_t chunk = 0; chunk < chunks; ++chunk) {
+            sdy += p_dy[(b * chunks + chunk) * s.c + j];
+            sdyx += p_dyx[(b * chunks + chunk) * s.c + j];
+          }
+          const int64_t g = b * s.c + j;
+          const float scale = sc ? sc[j] : 1.0f;
+          const float nn = std::max(k.count[g], 1.0f);
+          gsc[g] = scale;
+          a_g[g] = k.centered ? static_cast<float>(scale * sdy / nn) : 0.0f;
+          a_gx[g] = static_cast<float>(scale * sdyx / nn);
+          a_var[g] = 2.0f * k.d_var[g] / nn;
+          a_lo[g] = k.centered ? k.d_lo[g] / nn : 0.0f;
+          dscale[prow * plen + j] += sdyx;
+          dbias[prow * plen + j] += sdy;
         }
-        const int64_t g = b * s.c + j;
-        const float scale = sc ? sc[j] : 1.0f;
-        const float nn = std::max(k.count[g], 1.0f);
-        gsc[g] = scale;
-        a_g[g] = k.centered ? static_cast<float>(scale * sdy / nn) : 0.0f;
-        a_gx[g] = static_cast<float>(scale * sdyx / nn);
-        a_var[g] = 2.0f * k.d_var[g] / nn;
-        a_lo[g] = k.centered ? k.d_lo[g] / nn : 0.0f;
-        dscale[prow * plen + j] += sdyx;
-        dbias[prow * plen + j] += sdy;
       }
-    }
-    parallel_for(pool, s.b * chunks, [&](int64_t t) {
+    };
+    // dx over the chunks of the sums, the last ones first (still in cache)
+    phased_for(pool, s.b * chunks, sums, combine, s.b * chunks, [&](int64_t t) {
+      t = s.b * chunks - 1 - t;
       const int64_t b = t / chunks, chunk = t % chunks;
       const int64_t r0 = chunk * rows_per_chunk, r1 = std::min(s.r, r0 + rows_per_chunk);
       const int64_t gb = b * s.c;
