@@ -555,6 +555,8 @@ ffi::Error normalize_impl(ffi::ThreadPool pool, ffi::AnyBuffer x, const bool* ma
   std::vector<float> inv(static_cast<size_t>(groups));
   const int64_t rows_per_task = std::max<int64_t>(1, kChunkElements / std::max<int64_t>(s.c, 1));
   const int64_t r_tasks = (s.r + rows_per_task - 1) / rows_per_task;
+  // Phase two visits the row blocks backwards: the blocks that phase one
+  // read last are still in the cores' L2 caches.
   auto rows_of = [&](int64_t t, int64_t* g, int64_t* r0, int64_t* r1) {
     t = s.b * r_tasks - 1 - t;
     *g = t / r_tasks;
