@@ -52,7 +52,9 @@ def core_path(request, monkeypatch):
     (small inputs, other backends), or from the one-pass sums behind the guard
     (large inputs on the CPU backend). The choice is made at trace time."""
     monkeypatch.setattr(_stats, "GUARD_MIN_ELEMENTS", 0 if request.param == "guarded" else 1 << 62)
-    return request.param
+    jax.clear_caches()  # traces made under the other setting must not be reused
+    yield request.param
+    jax.clear_caches()
 
 
 @pytest.fixture(scope="module")
