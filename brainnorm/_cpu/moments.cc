@@ -32,6 +32,7 @@
 #include <memory>
 #include <mutex>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 #if defined(__linux__)
@@ -221,19 +222,60 @@ template <int C>
   }
 }
 
-// Unmasked sums of rows [r0, r1) for c a multiple of kTile: tiles of up to
-// 4 kTile columns.
+// Column tiles of up to 4 kTile columns covering c (a multiple of kTile):
+// fn(std::integral_constant<int, width>{}, first column) for each.
 constexpr int64_t kTile = 16;
 
+template <typename F>
+void for_each_tile(int64_t c, F fn) {
+  for (int64_t j0 = 0; j0 < c; j0 += 4 * kTile) {
+    switch (std::min<int64_t>(c - j0, 4 * kTile) / kTile) {
+      case 4: fn(std::integral_constant<int, 4 * kTile>{}, j0); break;
+      case 3: fn(std::integral_constant<int, 3 * kTile>{}, j0); break;
+      case 2: fn(std::integral_constant<int, 2 * kTile>{}, j0); break;
+      default: fn(std::integral_constant<int, kTile>{}, j0); break;
+    }
+  }
+}
+
+// Unmasked sums of rows [r0, r1) for c a multiple of kTile.
 void column_sums_tiled(const float* x, int64_t r0, int64_t r1, int64_t c, int64_t block, const float* k, double* s1,
                        double* s2) {
-  for (int64_t j0 = 0; j0 < c; j0 += 4 * kTile) {
-    const float* xj = x + j0;
-    switch (std::min<int64_t>(c - j0, 4 * kTile) / kTile) {
-      case 4: column_tile<4 * kTile>(xj, c, r0, r1, block, k + j0, s1 + j0, s2 + j0); break;
-      case 3: column_tile<3 * kTile>(xj, c, r0, r1, block, k + j0, s1 + j0, s2 + j0); break;
-      case 2: column_tile<2 * kTile>(xj, c, r0, r1, block, k + j0, s1 + j0, s2 + j0); break;
-      default: column_tile<kTile>(xj, c, r0, r1, block, k + j0, s1 + j0, s2 + j0); break;
+  for_each_tile(c, [&](auto width, int64_t j0) {
+    column_tile<decltype(width)::value>(x + j0, c, r0, r1, block, k + j0, s1 + j0, s2 + j0);
+  });
+}
+
+// Backward sums of rows [r0, r1) for C consecutive columns of rows ld floats
+// apart: sum dy and sum dy * x_hat, x_hat = ((x - h) - l) * iv, in float32
+// over blocks of `block` rows (accumulators in registers), added up in double.
+template <int C>
+[[gnu::noinline]] void grad_tile(const float* __restrict__ x, const float* __restrict__ dy, int64_t ld, int64_t r0,
+                                 int64_t r1, int64_t block, const float* __restrict__ h, const float* __restrict__ l,
+                                 const float* __restrict__ iv, double* __restrict__ sdy, double* __restrict__ sdyx) {
+  float hh[C], ll[C], ii[C];
+  for (int j = 0; j < C; ++j) {
+    hh[j] = h[j];
+    ll[j] = l[j];
+    ii[j] = iv[j];
+  }
+  for (int64_t b0 = r0; b0 < r1; b0 += block) {
+    const int64_t b1 = std::min(r1, b0 + block);
+    float a[C], b[C];
+    for (int j = 0; j < C; ++j) a[j] = b[j] = 0.0f;
+    for (int64_t r = b0; r < b1; ++r) {
+      const float* __restrict__ xr = x + r * ld;
+      const float* __restrict__ gr = dy + r * ld;
+#pragma omp simd
+      for (int j = 0; j < C; ++j) {
+        a[j] += gr[j];
+        b[j] += gr[j] * (((xr[j] - hh[j]) - ll[j]) * ii[j]);
+      }
+    }
+#pragma omp simd
+    for (int j = 0; j < C; ++j) {
+      sdy[j] += a[j];
+      sdyx[j] += b[j];
     }
   }
 }
@@ -417,6 +459,7 @@ void parallel_for(ffi::ThreadPool& pool, int64_t tasks, F fn) {
 }
 
 constexpr int64_t kChunkElements = 1 << 15;  // elements per task
+constexpr int64_t kGradBlock = 32;          // rows per float32 block of the backward column sums
 constexpr int64_t kMinChunkRows = 64;
 
 struct Shape {
@@ -784,12 +827,21 @@ ffi::Error backward_impl(ffi::ThreadPool& pool, const Backward& k, const Shape& 
     auto sums = [&](int64_t t) {
       const int64_t b = t / chunks, chunk = t % chunks;
       const int64_t r0 = chunk * rows_per_chunk, r1 = std::min(s.r, r0 + rows_per_chunk);
-      std::vector<float> a(s.c, 0.0f), bsum(s.c, 0.0f);
-      float* __restrict__ ap = a.data();
-      float* __restrict__ bp = bsum.data();
       const float* __restrict__ hg = hh.data() + b * s.c;
       const float* __restrict__ lg = ll.data() + b * s.c;
       const float* __restrict__ ig = inv.data() + b * s.c;
+      if (s.c % kTile == 0) {
+        const int64_t off = (b * s.r + r0) * s.c;
+        for_each_tile(s.c, [&](auto width, int64_t j0) {
+          grad_tile<decltype(width)::value>(k.x + off + j0, k.dy + off + j0, s.c, 0, r1 - r0, kGradBlock, hg + j0,
+                                            lg + j0, ig + j0, p_dy.data() + t * s.c + j0,
+                                            p_dyx.data() + t * s.c + j0);
+        });
+        return;
+      }
+      std::vector<float> a(s.c, 0.0f), bsum(s.c, 0.0f);
+      float* __restrict__ ap = a.data();
+      float* __restrict__ bp = bsum.data();
       for (int64_t r = r0; r < r1; ++r) {
         const int64_t off = (b * s.r + r) * s.c;
         const float* __restrict__ x = k.x + off;
@@ -799,7 +851,7 @@ ffi::Error backward_impl(ffi::ThreadPool& pool, const Backward& k, const Shape& 
           ap[j] += dy[j];
           bp[j] += dy[j] * (((x[j] - hg[j]) - lg[j]) * ig[j]);
         }
-        if ((r - r0) % 32 == 31) {
+        if ((r - r0) % kGradBlock == kGradBlock - 1) {
           for (int64_t j = 0; j < s.c; ++j) {
             p_dy[t * s.c + j] += ap[j];
             p_dyx[t * s.c + j] += bp[j];
