@@ -191,35 +191,44 @@ void column_block(const float* __restrict__ x, const uint8_t* __restrict__ m, in
   }
 }
 
-// Unmasked column sums of rows [r0, r1) for C consecutive columns (a
-// compile-time count) of rows ld floats apart, around k: float32 sums over
-// blocks of `block` rows, added up in double into s1 and s2. The float32
-// accumulators stay in registers for a whole block. Kept out of line: inlined
-// into its callers, the compiler spilled them to the stack (1.5x the time).
-template <int C>
-[[gnu::noinline]] void column_tile(const float* __restrict__ x, int64_t ld, int64_t r0, int64_t r1, int64_t block,
-                                   const float* __restrict__ k, double* __restrict__ s1, double* __restrict__ s2) {
-  float kk[C];
-  for (int j = 0; j < C; ++j) kk[j] = k[j];
+// Per-column sums of two terms over rows [r0, r1): add_row(r, a, b) adds row
+// r's terms of C consecutive columns to a and b. Float32 over blocks of
+// `block` rows, added up in double into s1 and s2. Used inside the
+// out-of-line tiles below, where a and b stay in registers for a block.
+template <int C, typename AddRow>
+[[gnu::always_inline]] inline void block_sums(int64_t r0, int64_t r1, int64_t block, AddRow add_row,
+                                              double* __restrict__ s1, double* __restrict__ s2) {
   for (int64_t b0 = r0; b0 < r1; b0 += block) {
     const int64_t b1 = std::min(r1, b0 + block);
     float a[C], b[C];
     for (int j = 0; j < C; ++j) a[j] = b[j] = 0.0f;
-    for (int64_t r = b0; r < b1; ++r) {
-      const float* __restrict__ xr = x + r * ld;
-#pragma omp simd
-      for (int j = 0; j < C; ++j) {
-        const float d = xr[j] - kk[j];
-        a[j] += d;
-        b[j] += d * d;
-      }
-    }
+    for (int64_t r = b0; r < b1; ++r) add_row(r, a, b);
 #pragma omp simd
     for (int j = 0; j < C; ++j) {
       s1[j] += a[j];
       s2[j] += b[j];
     }
   }
+}
+
+// Unmasked column sums of rows [r0, r1) for C consecutive columns (a
+// compile-time count) of rows ld floats apart, around k, into s1 and s2.
+// Kept out of line: inlined into its callers, the compiler spilled the
+// accumulators to the stack (1.5x the time).
+template <int C>
+[[gnu::noinline]] void column_tile(const float* __restrict__ x, int64_t ld, int64_t r0, int64_t r1, int64_t block,
+                                   const float* __restrict__ k, double* __restrict__ s1, double* __restrict__ s2) {
+  float kk[C];
+  for (int j = 0; j < C; ++j) kk[j] = k[j];
+  block_sums<C>(r0, r1, block, [&](int64_t r, float* __restrict__ a, float* __restrict__ b) {
+    const float* __restrict__ xr = x + r * ld;
+#pragma omp simd
+    for (int j = 0; j < C; ++j) {
+      const float d = xr[j] - kk[j];
+      a[j] += d;
+      b[j] += d * d;
+    }
+  }, s1, s2);
 }
 
 // Column tiles of up to 4 kTile columns covering c (a multiple of kTile):
@@ -247,8 +256,8 @@ void column_sums_tiled(const float* x, int64_t r0, int64_t r1, int64_t c, int64_
 }
 
 // Backward sums of rows [r0, r1) for C consecutive columns of rows ld floats
-// apart: sum dy and sum dy * x_hat, x_hat = ((x - h) - l) * iv, in float32
-// over blocks of `block` rows (accumulators in registers), added up in double.
+// apart: sum dy and sum dy * x_hat, x_hat = ((x - h) - l) * iv, into sdy and
+// sdyx (out of line, as column_tile).
 template <int C>
 [[gnu::noinline]] void grad_tile(const float* __restrict__ x, const float* __restrict__ dy, int64_t ld, int64_t r0,
                                  int64_t r1, int64_t block, const float* __restrict__ h, const float* __restrict__ l,
@@ -259,25 +268,15 @@ template <int C>
     ll[j] = l[j];
     ii[j] = iv[j];
   }
-  for (int64_t b0 = r0; b0 < r1; b0 += block) {
-    const int64_t b1 = std::min(r1, b0 + block);
-    float a[C], b[C];
-    for (int j = 0; j < C; ++j) a[j] = b[j] = 0.0f;
-    for (int64_t r = b0; r < b1; ++r) {
-      const float* __restrict__ xr = x + r * ld;
-      const float* __restrict__ gr = dy + r * ld;
-#pragma omp simd
-      for (int j = 0; j < C; ++j) {
-        a[j] += gr[j];
-        b[j] += gr[j] * (((xr[j] - hh[j]) - ll[j]) * ii[j]);
-      }
-    }
+  block_sums<C>(r0, r1, block, [&](int64_t r, float* __restrict__ a, float* __restrict__ b) {
+    const float* __restrict__ xr = x + r * ld;
+    const float* __restrict__ gr = dy + r * ld;
 #pragma omp simd
     for (int j = 0; j < C; ++j) {
-      sdy[j] += a[j];
-      sdyx[j] += b[j];
+      a[j] += gr[j];
+      b[j] += gr[j] * (((xr[j] - hh[j]) - ll[j]) * ii[j]);
     }
-  }
+  }, sdy, sdyx);
 }
 
 void column_moments(const float* x, const bool* m, int64_t r0, int64_t r1, int64_t c, bool centered,
