@@ -78,6 +78,24 @@ def test_kernel_threshold_and_exclusions(rng, monkeypatch):
                           data(rng, (8, 4, 16), 0.0))
 
 
+def batchnorm_case(c):
+    """Channels-last BatchNorm training over (10, 7, 9, c), one mask value per (n, h)."""
+    return (
+        lambda x, m, s, b: F.batch_norm(x, jnp.zeros(c), jnp.ones(c), s, b, training=True, mask=m)[0],
+        lambda x, m, s, b: ref.normalize(x, (0, 1, 2), m, 1e-5, s, b),
+        (10, 7, 9, c), (c,), (10, 7, 1, 1),
+    )
+
+
+def instance_norm_case(n, length, c):
+    """InstanceNorm over (n, length, c), one mask value per (n, position)."""
+    return (
+        lambda x, m, s, b: F.instance_norm(x, s, b, mask=m),
+        lambda x, m, s, b: ref.normalize(x, (1,), m, 1e-5, s, b),
+        (n, length, c), (c,), (n, length, 1),
+    )
+
+
 # name -> (call(x, mask, scale, bias), reference(x, mask, scale, bias), shape, param shape, mask shape)
 CASES = {
     "LayerNorm": (
@@ -100,28 +118,12 @@ CASES = {
         lambda x, m, s, b: ref.normalize(x, -1, m, 1e-6, s, None, use_mean=False),
         (6, 5, 48), (48,), (6, 5, 48),
     ),
-    "BatchNorm channels-last": (
-        lambda x, m, s, b: F.batch_norm(x, jnp.zeros(12), jnp.ones(12), s, b, training=True, mask=m)[0],
-        lambda x, m, s, b: ref.normalize(x, (0, 1, 2), m, 1e-5, s, b),
-        (10, 7, 9, 12), (12,), (10, 7, 1, 1),
-    ),
-    "InstanceNorm": (
-        lambda x, m, s, b: F.instance_norm(x, s, b, mask=m),
-        lambda x, m, s, b: ref.normalize(x, (1,), m, 1e-5, s, b),
-        (4, 40, 6), (6,), (4, 40, 1),
-    ),
+    "BatchNorm channels-last": batchnorm_case(12),
+    "InstanceNorm": instance_norm_case(4, 40, 6),
     # channel counts that are multiples of 16 take the register tiles of the
     # unmasked column sums (80 = 64 + 16 over two chunks of rows, 48 in one tile)
-    "BatchNorm channels-last, 80 channels": (
-        lambda x, m, s, b: F.batch_norm(x, jnp.zeros(80), jnp.ones(80), s, b, training=True, mask=m)[0],
-        lambda x, m, s, b: ref.normalize(x, (0, 1, 2), m, 1e-5, s, b),
-        (10, 7, 9, 80), (80,), (10, 7, 1, 1),
-    ),
-    "InstanceNorm, 48 channels": (
-        lambda x, m, s, b: F.instance_norm(x, s, b, mask=m),
-        lambda x, m, s, b: ref.normalize(x, (1,), m, 1e-5, s, b),
-        (3, 70, 48), (48,), (3, 70, 1),
-    ),
+    "BatchNorm channels-last, 80 channels": batchnorm_case(80),
+    "InstanceNorm, 48 channels": instance_norm_case(3, 70, 48),
 }
 
 
