@@ -31,6 +31,8 @@ FWD, BWD = _cpu._TARGET, _cpu._BWD_TARGET
 @pytest.fixture(autouse=True)
 def kernel_for_small_arrays(monkeypatch):
     monkeypatch.setattr(_cpu, "MIN_ELEMENTS", 0)
+    yield
+    jax.clear_caches()  # no trace made with the kernel forced on outlives the test
 
 
 @pytest.fixture
@@ -41,11 +43,17 @@ def core_only(monkeypatch):
         monkeypatch.setattr(_cpu, "available", lambda: False)
         jax.clear_caches()  # a function jitted before would reuse its kernel trace
 
-    return use_core
+    yield use_core
+    jax.clear_caches()
 
 
 def hlo(fn, *args):
     return jax.jit(fn).lower(*args).as_text()
+
+
+def calls_kernel(jitted, *args, target=FWD):
+    """Whether the program of an already jitted function calls the kernel."""
+    return target in jitted.lower(*args).as_text()
 
 
 def max_error(actual, expected):
@@ -167,7 +175,9 @@ def test_layernorm_gradients_match_float64(rng, offset, masked):
 def test_rmsnorm_gradient_matches_finite_differences_in_float64(rng):
     x = data(rng, (4, 32), 0.5)
     w = rng.standard_normal(x.shape).astype(np.float32)
-    dx = jax.jit(jax.grad(lambda v: jnp.sum(F.rms_norm(v) * w)))(x)
+    grad = jax.jit(jax.grad(lambda v: jnp.sum(F.rms_norm(v) * w)))
+    assert calls_kernel(grad, x) and calls_kernel(grad, x, target=BWD)
+    dx = grad(x)
     x64 = x.astype(np.float64)
 
     def f(v):
@@ -235,10 +245,12 @@ def test_layers_use_the_kernel_and_match_the_core(rng, core_only, monkeypatch):
         for name, make in layers.items():
             layer = make()
             count_before = len(traced)
+            traces = []
             with brainstate.environ.context(fit=True):
-                step = brainstate.transform.jit(lambda v: layer(v))
+                step = brainstate.transform.jit(lambda v: (traces.append(1), layer(v))[1])
                 step(x)
                 y = step(x + 1.0)
+            assert traces, name  # traced in this mode, not reused from the other
             assert (len(traced) > count_before) == (mode == "kernel"), name
             states = [np.asarray(v.value) for v in layer.states().values() if not isinstance(v, brainstate.ParamState)]
             results[(mode, name)] = [np.asarray(y)] + states
@@ -259,8 +271,11 @@ def test_vmap_forward_and_gradients(rng, per_example_params):
     def loss(v, w, s, b):
         return jnp.sum(F.layer_norm(v, s, b) * w)
 
-    ys = jax.jit(jax.vmap(lambda v, w, s, b: F.layer_norm(v, s, b), in_axes=in_axes))(xs, ws, scale, bias)
-    grads = jax.jit(jax.vmap(jax.grad(loss, argnums=(0, 2, 3)), in_axes=in_axes))(xs, ws, scale, bias)
+    forward = jax.jit(jax.vmap(lambda v, w, s, b: F.layer_norm(v, s, b), in_axes=in_axes))
+    backward = jax.jit(jax.vmap(jax.grad(loss, argnums=(0, 2, 3)), in_axes=in_axes))
+    assert calls_kernel(forward, xs, ws, scale, bias) and calls_kernel(backward, xs, ws, scale, bias, target=BWD)
+    ys = forward(xs, ws, scale, bias)
+    grads = backward(xs, ws, scale, bias)
     for i in range(3):
         s = scale[i] if per_example_params else scale
         b = bias[i] if per_example_params else bias
@@ -281,6 +296,7 @@ def test_vmap_forward_and_gradients(rng, per_example_params):
 def test_scan_loop_matches_per_step_calls(rng):
     xs = data(rng, (7, 4, 32), 1.0)
     layer = brainnorm.LayerNorm(32)
+    assert FWD in hlo(lambda v: brainstate.transform.for_loop(layer, v), xs)
     ys = brainstate.transform.jit(lambda v: brainstate.transform.for_loop(layer, v))(xs)
     for t in range(7):
         assert max_error(ys[t], ref.normalize(xs[t], -1, None, 1e-6)) < 5e-6
@@ -290,15 +306,17 @@ def test_scan_loop_matches_per_step_calls(rng):
 def test_constant_groups_give_the_bias_exactly(value):
     x = np.full((4, 64), value, np.float32)
     bias = np.arange(64, dtype=np.float32)
-    y = jax.jit(lambda v: F.layer_norm(v, None, bias))(x)
-    np.testing.assert_array_equal(np.asarray(y), np.broadcast_to(bias, x.shape))
+    ln = jax.jit(lambda v: F.layer_norm(v, None, bias))
+    assert calls_kernel(ln, x)
+    np.testing.assert_array_equal(np.asarray(ln(x)), np.broadcast_to(bias, x.shape))
     # the column layout (BatchNorm channels-last), 64 channels in one register tile
     columns = np.full((50, 64), value, np.float32)
     y = jax.jit(lambda v: F.batch_norm(v, jnp.zeros(64), jnp.ones(64), None, bias, training=True)[0])(columns)
     assert FWD in hlo(lambda v: F.batch_norm(v, jnp.zeros(64), jnp.ones(64), None, bias, training=True)[0], columns)
     np.testing.assert_array_equal(np.asarray(y), np.broadcast_to(bias, columns.shape))
-    dx = jax.jit(jax.grad(lambda v: jnp.sum(F.layer_norm(v) * v)))(x)
-    assert np.all(np.isfinite(np.asarray(dx)))
+    grad = jax.jit(jax.grad(lambda v: jnp.sum(F.layer_norm(v) * v)))
+    assert calls_kernel(grad, x, target=BWD)
+    assert np.all(np.isfinite(np.asarray(grad(x))))
 
 
 def test_padding_never_enters_the_statistics(rng):
@@ -308,7 +326,9 @@ def test_padding_never_enters_the_statistics(rng):
     poisoned = np.where(mask, x, np.float32(np.nan))
     poisoned[~mask[:, 4], 4] = np.inf
     zeros, ones = jnp.zeros(6), jnp.ones(6)
-    y, mean, var = jax.jit(lambda v: F.batch_norm(v, zeros, ones, training=True, momentum=0.0, mask=mask))(poisoned)
+    bn = jax.jit(lambda v: F.batch_norm(v, zeros, ones, training=True, momentum=0.0, mask=mask))
+    assert calls_kernel(bn, poisoned)
+    y, mean, var = bn(poisoned)
     expected = ref.normalize(x, 0, mask, 1e-5)
     assert max_error(np.where(mask, y, 0), np.where(mask, expected, 0)) < 5e-6
     r_mean, r_var, _ = ref.moments(x, 0, mask)
@@ -323,6 +343,7 @@ def test_results_do_not_depend_on_the_run(rng):
     x = data(rng, (256, 300), 5.0)  # several tasks per call
     f = jax.jit(lambda v: F.layer_norm(v))
     g = jax.jit(jax.grad(lambda v: jnp.sum(F.layer_norm(v) ** 3)))
+    assert calls_kernel(f, x) and calls_kernel(g, x, target=BWD)
     np.testing.assert_array_equal(np.asarray(f(x)), np.asarray(f(x)))
     np.testing.assert_array_equal(np.asarray(g(x)), np.asarray(g(x)))
 
@@ -334,6 +355,7 @@ def test_strided_results_do_not_depend_on_the_run(rng):
     zeros, ones = jnp.zeros(16), jnp.ones(16)
     f = jax.jit(lambda v: F.batch_norm(v, zeros, ones, training=True))
     g = jax.jit(jax.grad(lambda v: jnp.sum(F.batch_norm(v, zeros, ones, training=True)[0] ** 3)))
+    assert calls_kernel(f, x) and calls_kernel(g, x, target=BWD)
     first = [np.asarray(a) for a in f(x)]
     grad = np.asarray(g(x))
     for _ in range(5):
