@@ -107,3 +107,27 @@ def test_only_one_case_with_env_quick(tmp_path):
     assert result["mode"] == "quick"
     assert [(r["case"], r["impl"]) for r in result["rows"]] == EXPECTED_ROWS[:2]
     assert result["targets"] == []
+
+
+def test_cold_mode_evicts_before_each_call(tmp_path):
+    result, stdout = _run(["--quick", "--cold", "--only", "batchnorm2d"], tmp_path)
+    assert result["config"]["cache"] == "cold"
+    assert "cold:" in stdout.splitlines()[0]
+    rows = [r for r in result["rows"] if r["status"] == "ok"]
+    assert {r["impl"] for r in rows} >= {"brainnorm", "flax.nnx", "brainstate.nn", FLOOR}
+    assert all(len(r["samples_ms"]) == 3 and r["note"] == "" for r in rows)
+
+
+def test_cache_evictor_reads_twice_the_last_level_cache():
+    # the harness pins the allocator and imports JAX at import time: load it in a subprocess
+    code = (f"import importlib.util as u; s = u.spec_from_file_location('r', {str(SCRIPT)!r}); "
+            "m = u.module_from_spec(s); s.loader.exec_module(m); e = m.CacheEvictor(); "
+            "print(e.nbytes, m.last_level_cache_bytes(), e.buf.nbytes)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert out.returncode == 0, out.stderr[-2000:]
+    nbytes, llc, buf = map(int, out.stdout.split()[-3:])
+    sizes = sorted(Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"))
+    if sizes:  # Linux reports the caches: the largest one is found
+        assert llc >= max(int(p.read_text().strip().rstrip("KMG")) for p in sizes) << 10
+    assert nbytes == buf == max(64 << 20, 2 * llc)
