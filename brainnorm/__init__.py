@@ -5,6 +5,7 @@ Layers are ``brainstate.nn.Module`` subclasses built on the pure functions of
 """
 
 from . import functional
+from ._backend import backend_info, warn_about_environment
 from ._batch_norm import BatchNorm0d, BatchNorm1d, BatchNorm2d, BatchNorm3d
 from ._group_norm import GroupNorm, InstanceNorm
 from ._layer_norm import LayerNorm, RMSNorm
@@ -14,7 +15,10 @@ from ._temporal import BatchNormThroughTime, TemporalEffectiveBatchNorm, Thresho
 from ._weight_norm import SpectralNorm, WeightNorm
 from .functional import weight_standardization
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
+
+warn_about_environment()
+del warn_about_environment
 
 __all__ = [
     "NormalizationParamState",
@@ -34,4 +38,5 @@ __all__ = [
     "TemporalEffectiveBatchNorm",
     "weight_standardization",
     "functional",
+    "backend_info",
 ]

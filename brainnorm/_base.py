@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from . import _units
+from . import functional as F
 from ._validation import (
     canonical_axes,
     canonical_in_size,
@@ -188,6 +189,23 @@ class _RunningStatistics:
         if batches_tracked is None:
             batches_tracked = self.num_batches_tracked.value
         return 1.0 - 1.0 / (batches_tracked + 1).astype(jnp.float32)
+
+    def _batch_norm(self, x_m, unit, mask, feature_axes, training, scale, bias, running=None, momentum=None):
+        """:func:`brainnorm.functional.batch_norm` with this layer's options: ``(y, new_mean, new_var)``.
+
+        ``running`` is ``(mean, var)`` to use and update, or None for batch
+        statistics in every mode; ``momentum`` defaults to this layer's.
+        """
+        if running is None:
+            running, momentum = (None, None), 1.0
+        elif momentum is None:
+            momentum = self._effective_momentum()
+        return F.batch_norm(
+            _units.attach(x_m, unit), running[0], running[1], scale, bias, training=training,
+            feature_axes=feature_axes, momentum=momentum, epsilon=self.epsilon, mask=mask,
+            unbiased_running_var=self.unbiased_running_var, axis_name=self.axis_name,
+            axis_index_groups=self.axis_index_groups, use_fast_variance=self.use_fast_variance, dtype=self.dtype,
+        )
 
     def _stats_unit(self, x_m, unit):
         """The unit of the running statistics for this call.

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import brainstate
 
-from . import functional as F
 from ._base import _affine_values, _Normalization, _pick, _RunningStatistics
 from ._states import NormalizationParamState
 
@@ -83,23 +82,15 @@ class _BatchNorm(_RunningStatistics, _Normalization):
         """
         x_m, unit, mask, n_batch = self._prepare_input(x, mask)
         training = self._is_training(use_running_average)
-        feature = self._x_axes(self.feature_axes, x_m.ndim)
-        axes = tuple(a for a in range(x_m.ndim) if a not in feature)
         scale, bias = _affine_values(self.weight)
-        options = dict(epsilon=self.epsilon, mask=mask, axis_name=self.axis_name,
-                       axis_index_groups=self.axis_index_groups, dtype=self.dtype)
-        if not self.track_running_stats:
-            y, _ = F._normalize_over(self._owner, x_m, axes, scale=scale, bias=bias, unit=unit,
-                                     use_fast_variance=self.use_fast_variance, **options)
-            return y
-        stats_unit = self._stats_unit(x_m, unit)
-        y, new_mean, new_var = F._batch_norm(
-            self._owner, x_m, unit, self.running_mean.value, self.running_var.value, scale, bias, axes,
-            training=training, momentum=self._effective_momentum(),
-            unbiased_running_var=self.unbiased_running_var, use_fast_variance=self.use_fast_variance,
-            stats_unit=stats_unit, **options,
+        running = None
+        if self.track_running_stats:
+            self._stats_unit(x_m, unit)  # clear errors for units that do not fit, before anything runs
+            running = (self.running_mean.value, self.running_var.value)
+        y, new_mean, new_var = self._batch_norm(
+            x_m, unit, mask, self._x_axes(self.feature_axes, x_m.ndim), training, scale, bias, running
         )
-        if training:
+        if running is not None and training:
             self.running_mean.value = new_mean
             self.running_var.value = new_var
             self.num_batches_tracked.value = self.num_batches_tracked.value + 1

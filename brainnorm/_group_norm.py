@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import brainstate
-import jax
-import jax.numpy as jnp
 
 from . import _units
 from . import functional as F
 from ._base import _affine_values, _Normalization, _pick, _RunningStatistics
 from ._states import NormalizationParamState
-from ._validation import check_epsilon
+from ._validation import check_epsilon, check_groups
 
 __all__ = ["GroupNorm", "InstanceNorm"]
 
@@ -113,7 +111,7 @@ class GroupNorm(_Normalization):
                     f"{owner}: reduction_axes must include feature_axis={feature_axis!r} (the group's "
                     f"channels), got {reduction_axes!r}."
                 )
-        self.num_groups, self.group_size = F._check_groups(
+        self.num_groups, self.group_size = check_groups(
             owner, self.in_size[self.feature_axis], num_groups, group_size
         )
         self.epsilon = check_epsilon(owner, epsilon)
@@ -146,13 +144,14 @@ class GroupNorm(_Normalization):
         """
         x_m, unit, mask, _ = self._prepare_input(x, mask)
         scale, bias = _affine_values(self.weight)
-        y, _ = F._group_norm_over(
-            self._owner, x_m, self.num_groups, self._x_axes(self.feature_axes, x_m.ndim)[0],
-            self._x_axes(self.reduction_axes, x_m.ndim), scale=scale, bias=bias, epsilon=self.epsilon,
-            mask=mask, use_fast_variance=self.use_fast_variance, axis_name=self.axis_name,
-            axis_index_groups=self.axis_index_groups, dtype=self.dtype, unit=unit,
+        n_batch = x_m.ndim - len(self.in_size)
+        return F.group_norm(
+            _units.attach(x_m, unit), self.num_groups, scale, bias,
+            feature_axis=self._x_axes(self.feature_axes, x_m.ndim)[0],
+            reduction_axes=self._x_axes(self.reduction_axes, x_m.ndim), epsilon=self.epsilon, mask=mask,
+            batch_axes=tuple(range(n_batch)), use_fast_variance=self.use_fast_variance, axis_name=self.axis_name,
+            axis_index_groups=self.axis_index_groups, dtype=self.dtype,
         )
-        return y
 
 
 class InstanceNorm(_RunningStatistics, _Normalization):
@@ -272,51 +271,23 @@ class InstanceNorm(_RunningStatistics, _Normalization):
         Array
         """
         x_m, unit, mask, n_batch = self._prepare_input(x, mask)
-        axes = self._x_axes(self.reduction_axes, x_m.ndim)
         scale, bias = _affine_values(self.weight)
         training = self._is_training(use_running_average)
-        if self.track_running_stats:
-            stats_unit = self._stats_unit(x_m, unit)
-            if unit != stats_unit:  # statistics live in the layer's unit
-                x_m = jnp.asarray(_units.in_unit(self._owner, "x", _units.attach(x_m, unit), stats_unit))
-                unit = stats_unit
-            if not training:
-                y, _, _ = F._batch_norm(
-                    self._owner, x_m, unit, self.running_mean.value, self.running_var.value, scale, bias, axes,
-                    training=False, momentum=1.0, epsilon=self.epsilon, dtype=self.dtype, stats_unit=stats_unit,
-                )
-                return y
-        y, stats = F._normalize_over(
-            self._owner, x_m, axes, scale=scale, bias=bias, epsilon=self.epsilon, mask=mask,
-            use_fast_variance=self.use_fast_variance, dtype=self.dtype, unit=unit,
+        options = dict(
+            feature_axis=self._x_axes(self.feature_axes, x_m.ndim), epsilon=self.epsilon, mask=mask,
+            batch_axes=tuple(range(n_batch)), use_fast_variance=self.use_fast_variance, dtype=self.dtype,
         )
-        if self.track_running_stats:
-            self._track(stats, x_m.shape, axes, n_batch, unit)
+        if not self.track_running_stats:
+            return F.instance_norm(_units.attach(x_m, unit), scale, bias, **options)
+        self._stats_unit(x_m, unit)  # clear errors for units that do not fit, before anything runs
+        y, new_mean, new_var = F.instance_norm(
+            _units.attach(x_m, unit), scale, bias, running_mean=self.running_mean.value,
+            running_var=self.running_var.value, training=training, momentum=self._effective_momentum(),
+            unbiased_running_var=self.unbiased_running_var, axis_name=self.axis_name,
+            axis_index_groups=self.axis_index_groups, **options,
+        )
+        if training:
+            self.running_mean.value = new_mean
+            self.running_var.value = new_var
+            self.num_batches_tracked.value = self.num_batches_tracked.value + 1
         return y
-
-    def _track(self, stats, x_shape, axes, n_batch, unit):
-        """Running update with the batch average of the instance statistics."""
-        import math
-
-        per_instance = math.prod(x_shape[a] for a in axes)
-        count = stats.count if stats.count is not None else jnp.full(stats.var.shape, per_instance, jnp.float32)
-        var = stats.var
-        if self.unbiased_running_var:
-            var = var * count / jnp.maximum(count - 1, 1)
-        has_data = (count > 0).astype(var.dtype)
-        batch_axes = tuple(range(n_batch))
-        sums = [jnp.sum(has_data, axis=batch_axes), jnp.sum(has_data * stats.mean, axis=batch_axes),
-                jnp.sum(has_data * var, axis=batch_axes)]
-        if self.axis_name is not None:
-            sums = list(jax.lax.psum(jnp.stack(sums), self.axis_name, axis_index_groups=self.axis_index_groups))
-        instances, mean_sum, var_sum = sums
-        stat_shape = self.running_mean.value.shape
-        safe = jnp.maximum(instances, 1)
-        new_mean, new_var = F._running_update(
-            _units.split(self.running_mean.value)[0], _units.split(self.running_var.value)[0],
-            jnp.reshape(mean_sum / safe, stat_shape), jnp.reshape(var_sum / safe, stat_shape),
-            jnp.reshape(instances, stat_shape), self._effective_momentum(), False, masked=True,
-        )
-        self.running_mean.value = _units.attach(new_mean, unit)
-        self.running_var.value = _units.attach(new_var, None if unit is None else unit**2)
-        self.num_batches_tracked.value = self.num_batches_tracked.value + 1

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import brainstate
 
+from . import _units
 from . import functional as F
 from ._base import _affine_values, _Normalization
 from ._states import NormalizationParamState
@@ -49,12 +50,14 @@ class _AxisNorm(_Normalization):
         """
         x_m, unit, mask, _ = self._prepare_input(x, mask)
         scale, bias = self._params()
-        y, _ = F._normalize_over(
-            self._owner, x_m, self._x_axes(self.reduction_axes, x_m.ndim), scale=scale, bias=bias,
-            epsilon=self.epsilon, mask=mask, use_mean=self._use_mean, use_fast_variance=self.use_fast_variance,
-            axis_name=self.axis_name, axis_index_groups=self.axis_index_groups, dtype=self.dtype, unit=unit,
+        options = dict(
+            reduction_axes=self._x_axes(self.reduction_axes, x_m.ndim), epsilon=self.epsilon, mask=mask,
+            axis_name=self.axis_name, axis_index_groups=self.axis_index_groups, dtype=self.dtype,
         )
-        return y
+        x = _units.attach(x_m, unit)
+        if self._use_mean:
+            return F.layer_norm(x, scale, bias, use_fast_variance=self.use_fast_variance, **options)
+        return F.rms_norm(x, scale, **options)
 
 
 class LayerNorm(_AxisNorm):

@@ -1,79 +1,77 @@
-"""The statistics core: one place computes moments, one place applies them.
+"""The statistics core: every statistic brainnorm computes is computed here.
 
-Every layer and function of brainnorm reduces to two calls:
+Every layer and function of brainnorm reduces to these calls:
 
-``compute_moments(x, axes, ...)``
-    returns :class:`Moments` ``(shift, delta, var, count)`` with the reduced
-    axes kept at size 1. The mean is ``shift + delta``.
+``compute_moments(x, axes, ...)`` / ``compute_group_moments(...)``
+    return :class:`Moments` ``(shift, delta, var, count)`` with the reduced
+    axes kept at size 1. The mean is ``shift + delta``; ``count`` is the
+    number of valid elements behind each statistic (across devices too).
 
 ``apply_moments(x, moments, ...)``
     computes ``((x - shift) - delta) * rsqrt(var + eps) * scale + bias``.
+
+``running_update``, ``instance_running_statistics``, ``standardize_weight``
+    the running-statistic updates (with unbiased correction and empty groups)
+    and weight standardization, from the same moments.
+
+There is one implementation, in plain ``jax.numpy``/``jax.lax``: every JAX
+transformation (forward and reverse differentiation of any order, ``vmap``,
+``checkpoint``, ``eval_shape``) and every way of partitioning a program
+(GSPMD with automatic or explicit mesh axes, ``shard_map``, ``pmap``) applies
+to it as to any JAX code, on every backend and for every input size.
 
 Why a shift. The one-pass variance ``E[x^2] - E[x]^2`` loses every digit when
 ``|mean| >> std`` (float32 data ``1e4 + N(0, 1)`` gives variances off by
 thousands), and even the two-pass ``E[(x - mean)^2]`` pays for the rounding of
 the float32 mean when ``x - mean`` is formed and used as the centred value.
-Here each group is shifted by a value ``k`` inside the data: one of its own
-elements (unmasked data; the first elements may be padding, so masked data use
-the float32 masked mean from a first pass). ``x - k`` is then exact for values
-near ``k`` (Sterbenz), the sums of ``x - k`` and ``|x - k|^2`` lose almost
-nothing, and normalizing in the shifted domain ``((x - k) - delta)`` with
-``delta = E[x - k]`` keeps that precision in the output: about 1e-6 from a
-float64 reference at an offset of 1e4. Because ``k`` belongs to the group,
-``(k - mean)^2 <= n var`` bounds the cancellation.
+Here each group is shifted by a value ``k`` close to its data, the sums of
+``x - k`` and ``|x - k|^2`` are taken, and the output is formed in the shifted
+domain, ``((x - k) - delta)`` with ``delta = E[x - k]``: about 1e-6 from a
+float64 reference at an offset of 1e4. Which ``k``:
 
-The shift must be the same number everywhere it is used. XLA may evaluate a
-value in several fusions and contract arithmetic differently in each (fused
-multiply-add), so shifts are stored data values wherever possible: the
-element itself (the larger of the group's first two, taken by a reduction so
-that XLA keeps it in a buffer of its own instead of re-slicing it inside every
-consumer, which its CPU backend runs several times slower), and when groups
-or devices are merged, the shift of the member with the most valid elements.
+* one of the group's own elements (the larger of its first two, taken by a
+  reduction so that XLA stores it in a buffer of its own): no extra pass over
+  the data, and ``(k - mean)^2 <= n var`` bounds the cancellation. Used for
+  unmasked groups when the element can be sliced locally;
+* otherwise the group's mean from a first pass (``sum * (1 / count)``): with a
+  mask (the first elements may be padding), for empty groups (the mean of
+  nothing is 0), and when a reduced axis is sharded along an explicit mesh
+  axis (slicing a sharded axis is not allowed there, while a sum is reduced
+  across shards).
 
-Large inputs on the CPU backend. There, reductions of ``x - k`` cost a full
-extra pass over memory (XLA writes the shifted array out first), and most data
-are centred enough for the one-pass sums: ``_guarded_sums`` first computes
-the sums of ``x`` and ``|x|^2`` and keeps them when every group satisfies
-``|mean| <= 2 std`` (then ``E[x^2] - E[x]^2`` loses at most a factor 5 of
-the sums' precision; relative variance error about 1e-6 in float32). Any other
-group, or a non-finite sum, sends the whole call through the shifted sums (one
-``lax.cond``; under ``vmap`` it becomes a select and both are computed). The
-one-pass branch returns a shift of 0, so everything downstream is the same.
-The guard is not used for inputs under :data:`GUARD_MIN_ELEMENTS` elements,
-whose time is dominated by kernel launches (the guard's reduction, branch and
-output copies: a LayerNorm inside a simulation loop ran 15 % slower with it),
-nor on other backends, where a data-dependent branch waits for the device
-and XLA fuses the shifted reductions into one read of ``x``.
-
-On XLA's CPU backend, large float32 inputs of the layers skip this module's
-sums for a fused kernel with the same semantics (``brainnorm/_cpu``, called
-from ``functional._normalize_over``).
+The shift must be the same number everywhere it is used, although XLA may
+evaluate it inside several fusions and contract ``x - s * r`` into a fused
+multiply-add in some of them. An element is stored data; a mean is frozen by
+clearing the last bit of its float representation (:func:`_frozen`), which
+forces the product to be rounded once, before any consumer sees it.
 
 * ``k`` is held constant under differentiation (``stop_gradient``): the
-  moments are exact functions of ``x`` for any fixed ``k``, so gradients are
-  exact and the backward pass does not differentiate through the shift.
+  moments are exact functions of ``x`` for any fixed ``k``, so derivatives of
+  every order are exact and never differentiate through the choice of shift.
 * Masks: one ``where`` makes a copy with padding set to 0 (so non-finite
   padding never enters arithmetic) and the mask becomes a float weight; the
   reductions then see only float arithmetic, which XLA's CPU backend fuses
   (boolean selects inside reductions are an order of magnitude slower there).
 
 Distributed statistics (``axis_name``): each device shifts by its own ``k_i``;
-one ``all_gather`` brings every device's ``(n_i, s1_i, s2_i, k_i)``, which are
+one ``all_gather`` brings every device's ``(n_i, k_i, s1_i, s2_i)``, which are
 re-expressed around a common shift and summed (Chan et al.'s pairwise update);
 channel groups (GroupNorm) are merged from per-channel sums the same way.
 Counts are summed, never per-device means averaged, so masked statistics are
-exact when devices hold different numbers of valid elements.
+exact when devices hold different numbers of valid elements. Under GSPMD no
+name is needed: the reductions above are partitioned by XLA, which adds the
+per-shard partial sums.
 """
 
 from __future__ import annotations
 
-import functools
 import inspect
 import math
 from typing import NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 __all__: list[str] = []
 
@@ -83,8 +81,9 @@ class Moments(NamedTuple):
 
     ``shift`` is None when the statistics are not shifted (fast variance, RMS,
     or externally given mean/var); ``delta`` is None when there is no mean
-    (RMS normalization). ``count`` is None when every group is known to have
-    at least one element (no mask).
+    (RMS normalization). ``count`` is the number of valid elements behind each
+    statistic (summed across devices with ``axis_name``); None for statistics
+    given from outside (running averages), which are never empty.
     """
 
     shift: Optional[jax.Array]
@@ -170,116 +169,46 @@ def _local_sums(x, axes, mask, use_mean, use_fast_variance) -> _Sums:
         return _Sums(count, None, None, total(abs_sq(valid_x)))
     if use_fast_variance:
         return _Sums(count, None, total(valid_x), total(abs_sq(valid_x)))
-    shift, s1, s2 = _robust_sums(valid_x, weight, count, axes)
-    return _Sums(count, shift, s1, s2)
-
-
-#: Inputs with at least this many elements try the one-pass sums first on the
-#: CPU backend (:func:`_guarded_sums`); smaller ones, and every input on other
-#: backends, take the shifted sums directly (:func:`_shifted_sums`).
-GUARD_MIN_ELEMENTS = 1 << 16
-
-
-def _robust_sums(valid_x, weight, count, axes):
-    """``(shift, sum(x - shift), sum(|x - shift|^2))`` over ``axes`` (kept), valid elements only.
-
-    ``weight`` is None or the float mask (``valid_x`` is 0 at padding);
-    ``count`` the valid count per group.
-    """
-    shifted = functools.partial(_shifted_sums, valid_x, weight, count, axes)
-    if valid_x.size < GUARD_MIN_ELEMENTS:
-        return shifted()
-    guarded = functools.partial(_guarded_sums, valid_x, weight, count, axes)
-    return jax.lax.platform_dependent(cpu=guarded, default=shifted)
-
-
-def _shifted_sums(valid_x, weight, count, axes, s1=None):
-    """Sums around a shift inside each group, in one pass over ``x`` (two when masked).
-
-    ``s1`` is the masked sum of ``x`` when the caller has it. The shift is a
-    constant under differentiation: the sums are exact functions of ``x`` for
-    any fixed shift.
-    """
-
-    def total(values):
-        return jnp.sum(values, axis=axes, keepdims=True)
-
-    if weight is None:
-        shift = _group_element(valid_x, axes)
-    else:
-        # The first elements may be padding: shift by the masked mean instead,
-        # written as one multiplication so that every fusion rounds it alike.
-        shift = (total(valid_x) if s1 is None else s1) * _reciprocal(count)
-    shift = jax.lax.stop_gradient(shift)
-    centered = _centered(valid_x, weight, shift)
-    return shift, total(centered), total(abs_sq(centered))
-
-
-@functools.partial(jax.custom_jvp, nondiff_argnums=(3,))
-def _guarded_sums(valid_x, weight, count, axes):
-    """:func:`_shifted_sums`, computed from the one-pass sums when they are accurate.
-
-    XLA's CPU backend reduces ``x`` itself several times faster than a shifted
-    ``x``, which it first writes out in full. When every group's ``|mean|`` is
-    within 2 standard deviations, the one-pass variance is as accurate as the
-    shifted one (relative error ~1e-6 in float32), so the sums of ``x`` and
-    ``|x|^2`` are used with a shift of 0; otherwise one ``lax.cond`` computes
-    the shifted sums. The cond's fixed cost (a guard reduction, the branch,
-    copies of its outputs) is what makes small inputs skip this.
-    """
-
-    def total(values):
-        return jnp.sum(values, axis=axes, keepdims=True)
-
-    s1, s2 = total(valid_x), total(abs_sq(valid_x))
-
-    def one_pass_sums():
-        return jnp.zeros_like(s1), s1, s2
-
-    def shifted_sums():
-        return _shifted_sums(valid_x, weight, count, axes, s1=s1)
-
-    return jax.lax.cond(_one_pass_is_accurate(count, s1, s2), one_pass_sums, shifted_sums)
-
-
-def _centered(valid_x, weight, shift):
+    shift = jax.lax.stop_gradient(_shift(valid_x, weight, count, axes))
     centered = valid_x - shift
-    return centered if weight is None else centered * weight
+    if weight is not None:
+        centered = centered * weight
+    return _Sums(count, shift, total(centered), total(abs_sq(centered)))
 
 
-@_guarded_sums.defjvp
-def _guarded_sums_jvp(axes, primals, tangents):
-    # Both branches compute the same moments and the shift is a constant, so
-    # the derivative is that of the shifted sums for whichever shift was
-    # used: sum(dx) and sum(2 Re(conj(x - shift) dx)). Written here, outside
-    # the cond, so reverse mode differentiates plain sums instead of carrying
-    # residuals of both branches through the cond.
-    valid_x, weight, count = primals
-    d_x = tangents[0]
-    shift, s1, s2 = _guarded_sums(valid_x, weight, count, axes)
-    centered = _centered(valid_x, weight, shift)
-    d_s1 = jnp.sum(d_x, axis=axes, keepdims=True)
-    d_s2 = jnp.sum(2 * jnp.real(jnp.conj(centered) * d_x), axis=axes, keepdims=True)
-    return (shift, s1, s2), (jnp.zeros_like(shift), d_s1, d_s2.astype(s2.dtype))
+def _shift(valid_x, weight, count, axes):
+    """A value close to each group's data (see the module docstring), reduced axes kept."""
+    if weight is None and _element_shift_possible(valid_x, axes):
+        return _group_element(valid_x, axes)
+    mean = jnp.sum(valid_x, axis=axes, keepdims=True) * _reciprocal(count)
+    return _frozen(mean)
 
 
-# |mean| <= 2 std, written as var >= mean^2 / 4: the one-pass variance
-# E[x^2] - E[x]^2 then loses at most a factor 1 + 4 = 5 of the precision of the
-# sums (measured: relative error <= 1.2e-6 for float32 groups of 1e3 to 3e4
-# elements).
-_ONE_PASS_RATIO = 0.25
+def _element_shift_possible(x, axes) -> bool:
+    """True when every group has an element and slicing one is allowed (static).
+
+    Slicing an axis that is sharded along an explicit mesh axis is an error
+    under JAX's explicit sharding; a sum over it is not.
+    """
+    if any(x.shape[a] == 0 for a in axes):
+        return False
+    spec = getattr(getattr(jax.typeof(x), "sharding", None), "spec", None)
+    return spec is None or not any(i < len(spec) and spec[i] is not None for i in axes)
 
 
-def _one_pass_is_accurate(count, s1, s2):
-    """True when the unshifted sums give every group's variance accurately (a traced scalar)."""
-    n = jnp.maximum(count.astype(jnp.real(s2).dtype), 1)
-    mean_sq = abs_sq(s1 / n)
-    var = s2 / n - mean_sq
-    # One float max-reduction (cheaper on the CPU backend than reducing a
-    # boolean array); a non-finite sum scores inf and nan propagates, so both
-    # select the shifted sums.
-    score = jnp.where(jnp.isfinite(s2), _ONE_PASS_RATIO * mean_sq - var, jnp.inf)
-    return jnp.max(score, initial=-jnp.inf) <= 0  # no groups: nothing to guard
+def _frozen(value):
+    """``value`` with the last bit of its significand cleared: rounded once, wherever XLA evaluates it.
+
+    A shift ``s * r`` consumed as ``x - s * r`` may be contracted into a fused
+    multiply-add in one fusion and not in another, which would shift the sums
+    and the output by different numbers. A bit operation between the product
+    and its consumers cannot be contracted or simplified away.
+    """
+    if jnp.iscomplexobj(value):
+        return jax.lax.complex(_frozen(value.real), _frozen(value.imag))
+    bits = jnp.dtype(f"uint{8 * value.dtype.itemsize}")
+    raw = jax.lax.bitcast_convert_type(value, bits)
+    return jax.lax.bitcast_convert_type(raw & ~np.array(1, bits), value.dtype)
 
 
 def _merge(sums: _Sums, axis: int) -> _Sums:
@@ -309,7 +238,7 @@ def _merge(sums: _Sums, axis: int) -> _Sums:
     return _Sums(count, shift, s1, s2)
 
 
-def _finalize(sums: _Sums, masked: bool) -> Moments:
+def _finalize(sums: _Sums) -> Moments:
     n = jnp.maximum(sums.count.astype(jnp.real(sums.s2).dtype), 1)
     var = sums.s2 / n
     if sums.s1 is None:
@@ -318,7 +247,7 @@ def _finalize(sums: _Sums, masked: bool) -> Moments:
         delta = sums.s1 / n
         # E[|x-k|^2] - |E[x-k]|^2 can round below zero.
         var = jnp.maximum(var - abs_sq(delta), 0)
-    return Moments(shift=sums.shift, delta=delta, var=var, count=sums.count if masked else None)
+    return Moments(shift=sums.shift, delta=delta, var=var, count=sums.count)
 
 
 def compute_moments(
@@ -340,7 +269,7 @@ def compute_moments(
     sums = _local_sums(x, tuple(sorted(axes)), mask, use_mean, use_fast_variance)
     if axis_name is not None:
         sums = _combine_across_devices(sums, axis_name, axis_index_groups)
-    return _finalize(sums, mask is not None)
+    return _finalize(sums)
 
 
 def compute_group_moments(
@@ -379,7 +308,7 @@ def compute_group_moments(
     sums = _merge(_Sums(*(split(v) for v in sums)), feature_axis + 1)
     if axis_name is not None:
         sums = _combine_across_devices(sums, axis_name, axis_index_groups)
-    moments = _finalize(sums, mask is not None)
+    moments = _finalize(sums)
 
     def per_channel(value):
         if value is None:
@@ -517,3 +446,92 @@ def default_epsilon(x_dtype):
     if jnp.dtype(x_dtype) in (jnp.dtype(jnp.float64), jnp.dtype(jnp.complex128)):
         return float(jnp.finfo(jnp.float64).eps)
     return float(jnp.finfo(jnp.float32).eps)
+
+
+def given_moments(mean, var, dtype) -> Moments:
+    """Moments from given (running) statistics, in the statistics dtype ``dtype``."""
+    real = jnp.zeros((), dtype).real.dtype
+    return Moments(shift=None, delta=jnp.asarray(mean).astype(dtype), var=jnp.asarray(var).astype(real), count=None)
+
+
+def unbiased(var, count):
+    """``var * n / (n - 1)`` (Bessel's correction); ``n <= 1`` keeps ``var``."""
+    n = jnp.asarray(count, var.dtype)
+    return var * n / jnp.maximum(n - 1, 1)
+
+
+def running_update(old_mean, old_var, batch_mean, batch_var, count, momentum, *, unbiased_var=False):
+    """``momentum * old + (1 - momentum) * batch``; groups with no valid element keep ``old``.
+
+    ``count`` is the number of valid elements (or instances) behind each batch
+    statistic; with ``unbiased_var`` the batch variance is first scaled by
+    ``n / (n - 1)``. Every argument broadcasts to the shape of ``old_mean``;
+    the results are in the dtypes of ``old_mean`` and ``old_var``.
+    """
+    if unbiased_var:
+        batch_var = unbiased(batch_var, count)
+    shape = old_mean.shape
+    batch_mean = jnp.reshape(batch_mean, shape) if batch_mean.size == old_mean.size else batch_mean
+    batch_var = jnp.reshape(batch_var, shape) if batch_var.size == old_var.size else batch_var
+    count = jnp.reshape(count, shape) if jnp.size(count) == old_mean.size else count
+    momentum = jnp.asarray(momentum, old_mean.dtype)
+    new_mean = momentum * old_mean + (1 - momentum) * batch_mean.astype(old_mean.dtype)
+    new_var = momentum * old_var + (1 - momentum) * batch_var.astype(old_var.dtype)
+    has_data = jnp.asarray(count) > 0
+    return jnp.where(has_data, new_mean, old_mean), jnp.where(has_data, new_var, old_var)
+
+
+def instance_running_statistics(moments: Moments, batch_axes, *, unbiased_var=False, axis_name=None,
+                                axis_index_groups=None):
+    """Batch average of per-instance statistics (PyTorch's InstanceNorm tracking).
+
+    Returns ``(mean, var, instances)`` reduced over ``batch_axes`` (kept with
+    size 1): the averages over the instances that have at least one valid
+    element, and their number (across devices with ``axis_name``). With
+    ``unbiased_var`` each instance's variance is corrected by its own count.
+    """
+    count = jnp.broadcast_to(moments.count, moments.var.shape).astype(moments.var.dtype)
+    var = unbiased(moments.var, count) if unbiased_var else moments.var
+    has_data = (count > 0).astype(var.dtype)
+    mean = jnp.broadcast_to(moments.mean, var.shape)
+    sums = jnp.stack([
+        jnp.sum(has_data, axis=batch_axes, keepdims=True),
+        jnp.sum(has_data * mean, axis=batch_axes, keepdims=True),
+        jnp.sum(has_data * var, axis=batch_axes, keepdims=True),
+    ])
+    if axis_name is not None:
+        sums = jax.lax.psum(sums, axis_name, axis_index_groups=axis_index_groups)
+    instances, mean_sum, var_sum = sums
+    safe = jnp.maximum(instances, 1)
+    return mean_sum / safe, var_sum / safe, instances
+
+
+def standardize_weight(w, axes, eps, gain=None):
+    """Weight standardization: ``(w - E[w]) / sqrt(max(Var[w] * n, eps)) * gain`` over ``axes``."""
+    stats = compute_moments(w, axes)
+    fan_in = math.prod(w.shape[a] for a in axes)
+    factor = jax.lax.rsqrt(jnp.maximum(stats.var * fan_in, eps))
+    if gain is not None:
+        factor = factor * gain
+    return ((w.astype(stats.var.dtype) - stats.shift) - stats.delta) * factor
+
+
+def local_response(x, size, alpha, beta, k, feature_axis, *, mask=None):
+    """``x * (k + alpha / size * window_sum(x^2))^(-beta)`` along ``feature_axis``, in the stats dtype.
+
+    The window covers ``size`` channels, zero-padded ``size // 2`` before and
+    ``(size - 1) // 2`` after (PyTorch); masked-out positions count as 0.
+    """
+    sdtype = stats_dtype(x.dtype)
+    xs = x.astype(sdtype)
+    squares = jnp.square(xs)
+    if mask is not None:
+        squares = jnp.where(mask, squares, jnp.zeros((), sdtype))
+    window = [1] * x.ndim
+    window[feature_axis] = size
+    padding = [(0, 0)] * x.ndim
+    padding[feature_axis] = (size // 2, (size - 1) // 2)
+    # A concrete (NumPy) init value keeps reduce_window on its differentiable
+    # sum path; a traced one would fall back to the generic op, which has no VJP.
+    window_sum = jax.lax.reduce_window(squares, np.zeros((), sdtype), jax.lax.add, window, (1,) * x.ndim, padding)
+    return xs * jnp.power(k + (alpha / size) * window_sum, -beta)

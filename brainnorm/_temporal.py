@@ -31,7 +31,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import _units
-from . import functional as F
 from ._base import _affine_values, _Normalization, _RunningStatistics
 from ._states import NormalizationParamState
 from ._validation import check_choice, check_positive_int
@@ -116,20 +115,10 @@ class _TemporalBatchNorm(_RunningStatistics, _Normalization):
         stats_unit = self._stats_unit(x_m, unit) if self.track_running_stats else unit
         return training, stats_unit
 
-    def _normalize(self, x_m, unit, mask, axes, training, stats_unit, scale, bias, running=None, momentum=None):
+    def _normalize(self, x_m, unit, mask, axes, training, scale, bias, running=None, momentum=None):
         """Batch-normalize ``x_m`` over ``axes``; ``running`` = (mean, var) to use and update."""
-        options = dict(epsilon=self.epsilon, mask=mask, axis_name=self.axis_name,
-                       axis_index_groups=self.axis_index_groups, dtype=self.dtype,
-                       use_fast_variance=self.use_fast_variance)
-        if running is None:
-            y, _ = F._normalize_over(self._owner, x_m, axes, scale=scale, bias=bias, unit=unit, **options)
-            return y, None, None
-        return F._batch_norm(
-            self._owner, x_m, unit, running[0], running[1], scale, bias, axes, training=training,
-            momentum=self._effective_momentum() if momentum is None else momentum,
-            unbiased_running_var=self.unbiased_running_var,
-            stats_unit=stats_unit, **options,
-        )
+        feature = tuple(a for a in range(x_m.ndim) if a not in axes)
+        return self._batch_norm(x_m, unit, mask, feature, training, scale, bias, running, momentum)
 
     def _write(self, new_mean, new_var, batches_tracked=None):
         self.running_mean.value = new_mean
@@ -254,7 +243,7 @@ class BatchNormThroughTime(_TemporalBatchNorm):
         if self.track_running_stats:
             running = (self.running_mean.value[t], self.running_var.value[t])
             momentum = self._effective_momentum(self.num_batches_tracked.value[t])
-        y, new_mean, new_var = self._normalize(x_m, unit, mask, axes, training, stats_unit, scale, bias, running,
+        y, new_mean, new_var = self._normalize(x_m, unit, mask, axes, training, scale, bias, running,
                                                momentum)
         if running is not None and training:
             self._write(_set_step(self.running_mean.value, t, new_mean), _set_step(self.running_var.value, t, new_var),
@@ -276,7 +265,7 @@ class BatchNormThroughTime(_TemporalBatchNorm):
                        _reshape_q(self.running_var.value[:steps], broadcast))
             momentum = self._effective_momentum(self.num_batches_tracked.value[:steps])
             momentum = jnp.reshape(momentum, (steps,) + (1,) * (len(broadcast) - 1)) if jnp.ndim(momentum) else momentum
-        y, new_mean, new_var = self._normalize(x_m, unit, mask, axes, training, stats_unit, scale, bias, running,
+        y, new_mean, new_var = self._normalize(x_m, unit, mask, axes, training, scale, bias, running,
                                                momentum)
         if running is not None and training:
             shape = self.running_mean.value.shape[1:]
@@ -363,7 +352,7 @@ class ThresholdDependentBatchNorm(_TemporalBatchNorm):
         factor = self.alpha * self.v_th
         scale = factor if scale is None else scale * factor
         running = (self.running_mean.value, self.running_var.value) if self.track_running_stats else None
-        y, new_mean, new_var = self._normalize(x_m, unit, mask, axes, training, stats_unit, scale, bias, running)
+        y, new_mean, new_var = self._normalize(x_m, unit, mask, axes, training, scale, bias, running)
         if running is not None and training:
             self._write(new_mean, new_var)
         return y, x_m

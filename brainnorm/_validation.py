@@ -11,6 +11,7 @@ import math
 import numbers
 from typing import Sequence
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -96,11 +97,19 @@ def check_epsilon(owner: str, epsilon, *, allow_none: bool = False, option: str 
 
 
 def check_momentum(owner: str, momentum, *, allow_none: bool = True):
-    """A number in [0, 1] (None: cumulative average, where allowed)."""
+    """A number in [0, 1] (None: cumulative average, where allowed).
+
+    A floating JAX array (for example a per-step momentum, or one computed
+    from a traced batch counter) is accepted as given: its values may be
+    unknown until run time.
+    """
     if momentum is None:
         if allow_none:
             return None
         raise TypeError(f"{owner}: momentum must be a number in [0, 1], got None.")
+    if isinstance(momentum, jax.Array) and jnp.issubdtype(momentum.dtype, jnp.floating):
+        if isinstance(momentum, jax.core.Tracer) or momentum.size != 1:
+            return momentum
     try:
         if isinstance(momentum, (str, bytes, bool)) or np.asarray(momentum).dtype.kind not in "iuf":
             raise TypeError
@@ -113,6 +122,53 @@ def check_momentum(owner: str, momentum, *, allow_none: bool = True):
     if not 0.0 <= as_float <= 1.0:
         raise ValueError(f"{owner}: momentum must be in [0, 1] or None, got {momentum!r}.")
     return as_float
+
+
+def check_groups(owner: str, channels: int, num_groups, group_size) -> tuple[int, int]:
+    """Resolve ``(num_groups, group_size)``: exactly one given, dividing ``channels``."""
+    if (num_groups is None) == (group_size is None):
+        raise ValueError(
+            f"{owner}: exactly one of num_groups and group_size must be given, got "
+            f"num_groups={num_groups!r}, group_size={group_size!r} (pass num_groups=None "
+            f"to use group_size)."
+        )
+    if group_size is not None:
+        group_size = check_positive_int(owner, "group_size", group_size)
+        if channels % group_size:
+            raise ValueError(
+                f"{owner}: group_size must divide the number of channels {channels}, got {group_size}."
+            )
+        return channels // group_size, group_size
+    num_groups = check_positive_int(owner, "num_groups", num_groups)
+    if channels % num_groups:
+        raise ValueError(
+            f"{owner}: num_groups must divide the number of channels {channels}, got {num_groups}."
+        )
+    return num_groups, channels // num_groups
+
+
+def check_running_statistics(owner: str, running_mean, running_var, kept_shape) -> None:
+    """Both or neither given, each with one entry per statistic and broadcastable to it."""
+    if (running_mean is None) != (running_var is None):
+        raise ValueError(
+            f"{owner}: give both running_mean and running_var or neither, got "
+            f"running_mean={'None' if running_mean is None else 'an array'}, "
+            f"running_var={'None' if running_var is None else 'an array'}."
+        )
+    if running_mean is None:
+        return
+    size = math.prod(kept_shape)
+    for option, value in (("running_mean", running_mean), ("running_var", running_var)):
+        shape = tuple(np.shape(getattr(value, "mantissa", value)))
+        try:
+            fits = np.broadcast_shapes(shape, kept_shape) == tuple(kept_shape)
+        except ValueError:
+            fits = False
+        if not fits or math.prod(shape) != size:
+            raise ValueError(
+                f"{owner}: {option} must have one entry per statistic (shape {tuple(kept_shape)} or "
+                f"one that broadcasts to it with {size} entries), got shape {shape}."
+            )
 
 
 def check_positive_int(owner: str, option: str, value) -> int:

@@ -17,24 +17,20 @@ output equals the bias) with finite gradients.
 
 from __future__ import annotations
 
-import math
-from typing import Sequence
 
-import jax
 import jax.numpy as jnp
-import numpy as np
 
-from . import _cpu, _units
-from ._stats import (
-    Moments,
-    apply_moments,
-    compute_group_moments,
-    compute_moments,
-    default_epsilon,
-    output_dtype,
-    stats_dtype,
+from . import _stats, _units
+from ._stats import Moments, apply_moments, default_epsilon, output_dtype, stats_dtype
+from ._validation import (
+    canonical_axes,
+    check_epsilon,
+    check_groups,
+    check_mask,
+    check_momentum,
+    check_positive_int,
+    check_running_statistics,
 )
-from ._validation import canonical_axes, check_epsilon, check_mask, check_momentum, check_positive_int
 
 __all__ = [
     "moments",
@@ -50,7 +46,7 @@ __all__ = [
 
 
 # ---------------------------------------------------------------------------
-# shared workers (also used by the layers)
+# shared steps of the public functions (the layers call the public functions)
 # ---------------------------------------------------------------------------
 
 
@@ -61,142 +57,39 @@ def _prepare(owner, x, mask):
     return x_m, unit, check_mask(owner, mask, x_m.shape)
 
 
-def _normalize_over(
-    owner: str,
-    x,
-    axes: Sequence[int],
-    *,
-    scale=None,
-    bias=None,
-    epsilon=1e-6,
-    mask=None,
-    use_mean: bool = True,
-    use_fast_variance: bool = False,
-    axis_name=None,
-    axis_index_groups=None,
-    dtype=None,
-    unit=None,
-):
-    """Normalize the mantissa array ``x`` over ``axes``; return ``(y, moments)``.
-
-    ``unit`` is the unit of ``x`` (None: plain); ``epsilon`` may be a Quantity.
-    ``y`` carries the unit of scale/bias, if any.
-    """
+def _normalize(owner, x, unit, stats: Moments, *, scale, bias, epsilon, dtype):
+    """Apply ``stats`` to the array ``x`` (unit ``unit``); the result carries the unit of scale/bias."""
     if epsilon is None:
         epsilon = default_epsilon(x.dtype)
     eps = _units.epsilon_value(owner, epsilon, unit)
     scale_m, bias_m, out_unit = _units.affine_units(owner, scale, bias)
-    out_dtype = output_dtype(x.dtype, dtype)
-
-    def core():
-        stats = compute_moments(
-            x,
-            axes,
-            mask=mask,
-            use_mean=use_mean,
-            use_fast_variance=use_fast_variance,
-            axis_name=axis_name,
-            axis_index_groups=axis_index_groups,
-        )
-        return apply_moments(x, stats, epsilon=eps, scale=scale_m, bias=bias_m, out_dtype=out_dtype), stats
-
-    fused = None
-    if axis_name is None and not use_fast_variance and out_dtype == x.dtype:
-        fused = _cpu.try_normalize(
-            x, axes, scale=scale_m, bias=bias_m, epsilon=eps, mask=mask, use_mean=use_mean,
-            core=lambda: _as_kernel_outputs(*core(), axes, x.shape),
-        )
-    if fused is None:
-        y, stats = core()
-    else:
-        y, hi, lo, var, count = fused
-        stats = Moments(hi, lo, var, count if mask is not None else None) if use_mean else Moments(
-            None, None, var, count if mask is not None else None)
-    return _units.attach(y, out_unit), stats
-
-
-def _as_kernel_outputs(y, stats, axes, shape):
-    """The core's ``(y, Moments)`` as the kernel's ``(y, hi, lo, var, count)`` (for other backends)."""
-    kept = tuple(1 if i in set(axes) else d for i, d in enumerate(shape))
-    var = jnp.broadcast_to(stats.var, kept)
-    zeros = jnp.zeros(kept, var.dtype)
-    shift = zeros if stats.shift is None else jnp.broadcast_to(stats.shift, kept).astype(var.dtype)
-    delta = zeros if stats.delta is None else jnp.broadcast_to(stats.delta, kept).astype(var.dtype)
-    if stats.count is None:
-        count = jnp.full(kept, math.prod(shape[a] for a in axes), var.dtype)
-    else:
-        count = jnp.broadcast_to(stats.count, kept).astype(var.dtype)
-    return y, shift, delta, var, count
-
-
-def _running_update(old_mean, old_var, batch_mean, batch_var, count, momentum, unbiased, masked):
-    """``momentum * old + (1 - momentum) * batch``; groups with no valid element keep ``old``.
-
-    ``count`` is the number of valid elements behind each batch statistic
-    (``masked``: some group may have none). With ``unbiased`` the batch variance is
-    scaled by ``n / (n - 1)`` (``n = 1`` keeps the biased value).
-    """
-    if unbiased:
-        n = jnp.asarray(count, batch_var.dtype)
-        batch_var = batch_var * n / jnp.maximum(n - 1, 1)
-    momentum = jnp.asarray(momentum, old_mean.dtype)
-    new_mean = momentum * old_mean + (1 - momentum) * batch_mean.astype(old_mean.dtype)
-    new_var = momentum * old_var + (1 - momentum) * batch_var.astype(old_var.dtype)
-    if masked:
-        has_data = count > 0
-        new_mean = jnp.where(has_data, new_mean, old_mean)
-        new_var = jnp.where(has_data, new_var, old_var)
-    return new_mean, new_var
-
-
-def _group_norm_over(
-    owner,
-    x,
-    num_groups: int,
-    feature_axis: int,
-    reduction_axes: Sequence[int],
-    *,
-    scale=None,
-    bias=None,
-    epsilon=1e-6,
-    mask=None,
-    use_fast_variance=False,
-    axis_name=None,
-    axis_index_groups=None,
-    dtype=None,
-    unit=None,
-):
-    """Group normalization of the array ``x``; axes are non-negative on ``x``.
-
-    ``reduction_axes`` must contain ``feature_axis`` (the group's channels).
-    ``scale`` and ``bias`` broadcast against ``x``. Returns ``(y, moments)``.
-    """
-    eps = _units.epsilon_value(owner, epsilon, unit)
-    scale_m, bias_m, out_unit = _units.affine_units(owner, scale, bias)
-    stats = compute_group_moments(
-        x, feature_axis, num_groups, reduction_axes, mask=mask, use_fast_variance=use_fast_variance,
-        axis_name=axis_name, axis_index_groups=axis_index_groups,
-    )
     y = apply_moments(x, stats, epsilon=eps, scale=scale_m, bias=bias_m, out_dtype=output_dtype(x.dtype, dtype))
-    return _units.attach(y, out_unit), stats
+    return _units.attach(y, out_unit)
 
 
-def _local_response_norm(x, size, alpha, beta, k, feature_axis, mask=None, dtype=None):
-    """LRN of the array ``x`` along the non-negative ``feature_axis``."""
-    sdtype = stats_dtype(x.dtype)
-    xs = x.astype(sdtype)
-    squares = jnp.square(xs)
-    if mask is not None:
-        squares = jnp.where(mask, squares, jnp.zeros((), sdtype))
-    window = [1] * x.ndim
-    window[feature_axis] = size
-    padding = [(0, 0)] * x.ndim
-    padding[feature_axis] = (size // 2, (size - 1) // 2)
-    # A concrete (NumPy) init value keeps reduce_window on its differentiable
-    # sum path; a traced one would fall back to the generic op, which has no VJP.
-    window_sum = jax.lax.reduce_window(squares, np.zeros((), sdtype), jax.lax.add, window, (1,) * x.ndim, padding)
-    y = xs * jnp.power(k + (alpha / size) * window_sum, -beta)
-    return y.astype(output_dtype(x.dtype, dtype))
+def _in_statistics_unit(owner, x, unit, running_mean, running_var):
+    """Express ``x`` and the running statistics in one unit: theirs if they have one, else the input's.
+
+    Returns ``(x, stats_unit, mean, var)`` with plain arrays (None for absent
+    statistics).
+    """
+    mean_unit = _units.split(running_mean)[1] if running_mean is not None else None
+    stats_unit = mean_unit if mean_unit is not None else unit
+    if unit != stats_unit:
+        x = jnp.asarray(_units.in_unit(owner, "x", _units.attach(x, unit), stats_unit))
+    if running_mean is None:
+        return x, stats_unit, None, None
+    var_unit = None if stats_unit is None else stats_unit**2
+    if mean_unit is not None:
+        mean = _units.in_unit(owner, "running_mean", running_mean, stats_unit)
+        var = _units.in_unit(owner, "running_var", running_var, var_unit)
+    else:
+        mean, var = _units.split(running_mean)[0], _units.split(running_var)[0]
+    return x, stats_unit, jnp.asarray(mean), jnp.asarray(var)
+
+
+def _with_unit(mean, var, unit):
+    return _units.attach(mean, unit), _units.attach(var, None if unit is None else unit**2)
 
 
 # ---------------------------------------------------------------------------
@@ -270,7 +163,7 @@ def moments(
     owner = "moments"
     x_m, unit, mask = _prepare(owner, x, mask)
     axes = canonical_axes(owner, "axes", axes, x_m.ndim)
-    stats = compute_moments(
+    stats = _stats.compute_moments(
         x_m,
         axes,
         mask=mask,
@@ -317,14 +210,10 @@ def normalize(x, mean, var, *, scale=None, bias=None, epsilon=1e-6, dtype=None):
     check_epsilon(owner, epsilon)
     x_m, unit = _units.split(x)
     x_m = jnp.asarray(x_m)
-    mean_m = jnp.asarray(_units.in_unit(owner, "mean", mean, unit))
-    var_m = jnp.asarray(_units.in_unit(owner, "var", var, None if unit is None else unit**2))
-    sdtype = stats_dtype(x_m.dtype)
-    stats = Moments(shift=None, delta=mean_m.astype(sdtype), var=var_m.astype(jnp.real(jnp.zeros((), sdtype)).dtype), count=None)
-    eps = _units.epsilon_value(owner, epsilon, unit)
-    scale_m, bias_m, out_unit = _units.affine_units(owner, scale, bias)
-    y = apply_moments(x_m, stats, epsilon=eps, scale=scale_m, bias=bias_m, out_dtype=output_dtype(x_m.dtype, dtype))
-    return _units.attach(y, out_unit)
+    mean_m = _units.in_unit(owner, "mean", mean, unit)
+    var_m = _units.in_unit(owner, "var", var, None if unit is None else unit**2)
+    stats = _stats.given_moments(mean_m, var_m, stats_dtype(x_m.dtype))
+    return _normalize(owner, x_m, unit, stats, scale=scale, bias=bias, epsilon=epsilon, dtype=dtype)
 
 
 def layer_norm(
@@ -337,6 +226,8 @@ def layer_norm(
     mask=None,
     use_fast_variance: bool = False,
     axis_name=None,
+    axis_index_groups=None,
+    dtype=None,
 ):
     r"""Layer normalization (Ba et al., 2016).
 
@@ -359,6 +250,10 @@ def layer_norm(
         One-pass variance (flax parity; inaccurate for large offsets).
     axis_name : hashable, optional
         Also reduce over this mapped axis.
+    axis_index_groups : sequence of sequences of int, optional
+        Reduce within these groups of the named axis.
+    dtype : dtype, optional
+        Output dtype; default the input's floating dtype.
 
     Returns
     -------
@@ -381,14 +276,24 @@ def layer_norm(
     check_epsilon(owner, epsilon, allow_none=True)
     x_m, unit, mask = _prepare(owner, x, mask)
     axes = canonical_axes(owner, "reduction_axes", reduction_axes, x_m.ndim)
-    y, _ = _normalize_over(
-        owner, x_m, axes, scale=scale, bias=bias, epsilon=epsilon, mask=mask,
-        use_fast_variance=use_fast_variance, axis_name=axis_name, unit=unit,
+    stats = _stats.compute_moments(
+        x_m, axes, mask=mask, use_fast_variance=use_fast_variance, axis_name=axis_name,
+        axis_index_groups=axis_index_groups,
     )
-    return y
+    return _normalize(owner, x_m, unit, stats, scale=scale, bias=bias, epsilon=epsilon, dtype=dtype)
 
 
-def rms_norm(x, scale=None, *, reduction_axes=-1, epsilon=1e-6, mask=None, axis_name=None):
+def rms_norm(
+    x,
+    scale=None,
+    *,
+    reduction_axes=-1,
+    epsilon=1e-6,
+    mask=None,
+    axis_name=None,
+    axis_index_groups=None,
+    dtype=None,
+):
     r"""Root-mean-square normalization (Zhang and Sennrich, 2019).
 
     .. math:: y = \frac{x}{\sqrt{E[|x|^2] + \epsilon}} \gamma
@@ -404,6 +309,9 @@ def rms_norm(x, scale=None, *, reduction_axes=-1, epsilon=1e-6, mask=None, axis_
         None picks PyTorch's default (machine epsilon of the input's precision).
     mask : array_like of bool, optional
     axis_name : hashable, optional
+    axis_index_groups : sequence of sequences of int, optional
+    dtype : dtype, optional
+        Output dtype; default the input's floating dtype.
 
     Returns
     -------
@@ -425,17 +333,16 @@ def rms_norm(x, scale=None, *, reduction_axes=-1, epsilon=1e-6, mask=None, axis_
     check_epsilon(owner, epsilon, allow_none=True)
     x_m, unit, mask = _prepare(owner, x, mask)
     axes = canonical_axes(owner, "reduction_axes", reduction_axes, x_m.ndim)
-    y, _ = _normalize_over(
-        owner, x_m, axes, scale=scale, epsilon=epsilon, mask=mask, use_mean=False,
-        axis_name=axis_name, unit=unit,
+    stats = _stats.compute_moments(
+        x_m, axes, mask=mask, use_mean=False, axis_name=axis_name, axis_index_groups=axis_index_groups,
     )
-    return y
+    return _normalize(owner, x_m, unit, stats, scale=scale, bias=None, epsilon=epsilon, dtype=dtype)
 
 
 def batch_norm(
     x,
-    running_mean,
-    running_var,
+    running_mean=None,
+    running_var=None,
     scale=None,
     bias=None,
     *,
@@ -446,6 +353,9 @@ def batch_norm(
     mask=None,
     unbiased_running_var: bool = False,
     axis_name=None,
+    axis_index_groups=None,
+    use_fast_variance: bool = False,
+    dtype=None,
 ):
     r"""Batch normalization (Ioffe and Szegedy, 2015), returning new running statistics.
 
@@ -459,31 +369,42 @@ def batch_norm(
 
     (``m = momentum``, flax/brainstate convention: PyTorch's ``momentum`` is
     ``1 - m``). Evaluation (``training=False``) normalizes with the running
-    statistics and returns them unchanged.
+    statistics and returns them unchanged. Without running statistics
+    (``running_mean=None``, PyTorch's ``track_running_stats=False``) both
+    modes use the batch statistics and ``None`` is returned for them.
 
     Parameters
     ----------
     x : array_like or Quantity
-    running_mean, running_var : array_like or Quantity
-        Running statistics, broadcastable to ``x`` (the shape of the reduced
-        statistics, e.g. ``(1, 1, C)``, or ``(C,)`` for trailing channels).
-        New statistics are returned in the same shape.
+    running_mean, running_var : array_like or Quantity, optional
+        Running statistics with one entry per statistic, broadcastable to
+        ``x`` (the shape of the reduced statistics, e.g. ``(1, 1, C)``, or
+        ``(C,)`` for trailing channels). New statistics are returned in the
+        same shape and unit; the input is converted to their unit.
     scale, bias : array_like or Quantity, optional
     training : bool
         Batch statistics (True) or running statistics (False).
     feature_axes : int or sequence of int
         Axes of ``x`` that are kept (channels).
-    momentum : float
-        Weight of the old running value, in [0, 1].
+    momentum : float or array
+        Weight of the old running value, in [0, 1]. An array (for example the
+        cumulative average's ``1 - 1 / (n + 1)``, or one value per statistic)
+        is used as given.
     epsilon : float or Quantity
     mask : array_like of bool, optional
         Valid positions; a channel with no valid entry keeps its running
         statistics and normalizes to the bias.
     unbiased_running_var : bool
         Update the running variance with ``n / (n - 1)`` times the batch
-        variance (PyTorch), ``n`` being the valid count.
+        variance (PyTorch), ``n`` being the valid count (across devices).
     axis_name : hashable, optional
         Also reduce over this mapped axis (synchronized batch norm).
+    axis_index_groups : sequence of sequences of int, optional
+        Reduce within these groups of the named axis.
+    use_fast_variance : bool
+        One-pass variance (flax parity).
+    dtype : dtype, optional
+        Output dtype; default the input's floating dtype.
 
     Returns
     -------
@@ -509,77 +430,48 @@ def batch_norm(
     x_m, unit, mask = _prepare(owner, x, mask)
     feature = canonical_axes(owner, "feature_axes", feature_axes, x_m.ndim)
     axes = tuple(a for a in range(x_m.ndim) if a not in feature)
-    return _batch_norm(
-        owner, x_m, unit, running_mean, running_var, scale, bias, axes,
-        training=training, momentum=momentum, epsilon=epsilon, mask=mask,
-        unbiased_running_var=unbiased_running_var, axis_name=axis_name,
-    )
-
-
-def _batch_norm(
-    owner, x, unit, running_mean, running_var, scale, bias, axes, *, training, momentum, epsilon,
-    mask=None, unbiased_running_var=False, axis_name=None, axis_index_groups=None,
-    use_fast_variance=False, dtype=None, stats_unit=None,
-):
-    """Batch norm of the array ``x`` (unit ``unit``) over the non-negative ``axes``.
-
-    The statistics live in ``stats_unit`` (default: the running statistics'
-    unit if they have one, else the input's); ``x`` is converted to it.
-    """
-    rm_m, rm_unit = _units.split(running_mean)
-    rv_m, _ = _units.split(running_var)
-    if stats_unit is None:
-        stats_unit = rm_unit if rm_unit is not None else unit
-    if unit != stats_unit:
-        x = jnp.asarray(_units.in_unit(owner, "x", _units.attach(x, unit), stats_unit))
-    rm_m = jnp.asarray(_units.in_unit(owner, "running_mean", running_mean, stats_unit) if rm_unit else rm_m)
-    var_unit = None if stats_unit is None else stats_unit**2
-    rv_m = jnp.asarray(_units.in_unit(owner, "running_var", running_var, var_unit) if rm_unit else rv_m)
-    if training:
-        y, stats = _normalize_over(
-            owner, x, axes, scale=scale, bias=bias, epsilon=epsilon, mask=mask,
-            use_fast_variance=use_fast_variance, axis_name=axis_name,
-            axis_index_groups=axis_index_groups, dtype=dtype, unit=stats_unit,
-        )
-        stat_shape = rm_m.shape
-        if stats.count is None:
-            count = jnp.asarray(
-                math.prod(x.shape[a] for a in axes) * _mapped_size(axis_name, axis_index_groups), jnp.float32
-            )
-        else:
-            count = jnp.reshape(stats.count, stat_shape)
-        new_mean, new_var = _running_update(
-            rm_m, rv_m, jnp.reshape(stats.mean, stat_shape), jnp.reshape(stats.var, stat_shape),
-            count, momentum, unbiased_running_var, masked=stats.count is not None,
+    kept = tuple(1 if a in axes else d for a, d in enumerate(x_m.shape))
+    check_running_statistics(owner, running_mean, running_var, kept)
+    x_m, stats_unit, mean, var = _in_statistics_unit(owner, x_m, unit, running_mean, running_var)
+    if training or mean is None:
+        stats = _stats.compute_moments(
+            x_m, axes, mask=mask, use_fast_variance=use_fast_variance, axis_name=axis_name,
+            axis_index_groups=axis_index_groups,
         )
     else:
-        eps = _units.epsilon_value(owner, epsilon, stats_unit)
-        scale_m, bias_m, out_unit = _units.affine_units(owner, scale, bias)
-        sdtype = stats_dtype(x.dtype)
-        stats = Moments(shift=None, delta=rm_m.astype(sdtype), var=rv_m.astype(sdtype), count=None)
-        y = _units.attach(
-            apply_moments(x, stats, epsilon=eps, scale=scale_m, bias=bias_m, out_dtype=output_dtype(x.dtype, dtype)),
-            out_unit,
+        stats = _stats.given_moments(mean, var, stats_dtype(x_m.dtype))
+    y = _normalize(owner, x_m, stats_unit, stats, scale=scale, bias=bias, epsilon=epsilon, dtype=dtype)
+    if mean is None:
+        return y, None, None
+    if training:
+        mean, var = _stats.running_update(
+            mean, var, stats.mean, stats.var, stats.count, momentum, unbiased_var=unbiased_running_var
         )
-        new_mean, new_var = rm_m, rv_m
-    return y, _units.attach(new_mean, stats_unit), _units.attach(new_var, var_unit)
+    return (y,) + _with_unit(mean, var, stats_unit)
 
 
-def _mapped_size(axis_name, axis_index_groups):
-    """Number of members reduced over by ``axis_name`` (1 without one)."""
-    if axis_name is None:
-        return 1
-    if axis_index_groups is not None:
-        return len(axis_index_groups[0])
-    size = 1
-    for name in (axis_name if isinstance(axis_name, tuple) else (axis_name,)):
-        size *= jax.lax.psum(1, name)
-    return size
+def _batch_and_channel_axes(owner, shape, batch_axes, feature_axis):
+    """Validated ``(batch, feature)`` axes of group and instance normalization."""
+    ndim = len(shape)
+    if ndim == 0:
+        raise ValueError(f"{owner}: x must have a channel axis, got shape {tuple(shape)}.")
+    batch = canonical_axes(owner, "batch_axes", batch_axes, ndim, allow_empty=True)
+    if len(batch) >= ndim:
+        raise ValueError(
+            f"{owner}: x must have a batch axis and a channel axis, got shape {tuple(shape)} "
+            f"with batch_axes={batch_axes!r}."
+        )
+    feature = canonical_axes(owner, "feature_axis", feature_axis, ndim)
+    if set(feature) & set(batch):
+        raise ValueError(
+            f"{owner}: feature_axis must not be a batch axis {batch}, got feature_axis={feature_axis!r}."
+        )
+    return batch, feature
 
 
 def group_norm(
     x,
-    num_groups: int,
+    num_groups,
     scale=None,
     bias=None,
     *,
@@ -587,6 +479,12 @@ def group_norm(
     reduction_axes=None,
     epsilon=1e-6,
     mask=None,
+    group_size=None,
+    batch_axes=0,
+    use_fast_variance: bool = False,
+    axis_name=None,
+    axis_index_groups=None,
+    dtype=None,
 ):
     r"""Group normalization (Wu and He, 2018).
 
@@ -595,23 +493,36 @@ def group_norm(
     .. math:: y = \frac{x - E_g[x]}{\sqrt{\mathrm{Var}_g[x] + \epsilon}}\gamma + \beta
 
     with statistics per sample and group over the group's channels and every
-    other non-batch axis. The first axis of ``x`` is the batch axis (flax).
+    other non-batch axis. The first axis of ``x`` is the batch axis (flax),
+    unless ``batch_axes`` says otherwise.
 
     Parameters
     ----------
     x : array_like or Quantity
         ``(B, ..., C, ...)``.
-    num_groups : int
-        Must divide the number of channels.
+    num_groups : int or None
+        Must divide the number of channels; None when ``group_size`` is given.
     scale, bias : array_like or Quantity, optional
         Broadcastable to ``x`` (e.g. shape ``(C,)`` for trailing channels).
     feature_axis : int
-        Channel axis of ``x`` (not the batch axis).
+        Channel axis of ``x`` (not a batch axis).
     reduction_axes : int or sequence of int, optional
         Axes of ``x`` to reduce; must include ``feature_axis`` and exclude the
-        batch axis. Default: every axis but the batch axis.
+        batch axes. Default: every axis but the batch axes.
     epsilon : float or Quantity
     mask : array_like of bool, optional
+    group_size : int, optional
+        Channels per group, instead of ``num_groups``.
+    batch_axes : int or sequence of int
+        Axes of ``x`` whose entries are separate samples (``()`` for one
+        unbatched sample; ``(0, 1)`` for ``(T, B, ...)``).
+    use_fast_variance : bool
+        One-pass variance (flax parity).
+    axis_name : hashable, optional
+        Also reduce over this mapped axis (a sample split across devices).
+    axis_index_groups : sequence of sequences of int, optional
+    dtype : dtype, optional
+        Output dtype; default the input's floating dtype.
 
     Returns
     -------
@@ -632,73 +543,94 @@ def group_norm(
     owner = "group_norm"
     check_epsilon(owner, epsilon)
     x_m, unit, mask = _prepare(owner, x, mask)
-    if x_m.ndim < 2:
-        raise ValueError(f"{owner}: x must have a batch axis and a channel axis, got shape {x_m.shape}.")
-    feature = canonical_axes(owner, "feature_axis", feature_axis, x_m.ndim)[0]
-    if feature == 0:
-        raise ValueError(f"{owner}: feature_axis must not be the batch axis 0, got {feature_axis!r}.")
+    batch, feature = _batch_and_channel_axes(owner, x_m.shape, batch_axes, feature_axis)
+    if len(feature) != 1:
+        raise ValueError(f"{owner}: feature_axis must name one axis, got {feature_axis!r}.")
+    feature = feature[0]
     if reduction_axes is None:
-        axes = tuple(range(1, x_m.ndim))
+        axes = tuple(a for a in range(x_m.ndim) if a not in batch)
     else:
         axes = canonical_axes(owner, "reduction_axes", reduction_axes, x_m.ndim)
-        if 0 in axes:
-            raise ValueError(f"{owner}: reduction_axes must not include the batch axis 0, got {reduction_axes!r}.")
+        if set(axes) & set(batch):
+            raise ValueError(
+                f"{owner}: reduction_axes must not include a batch axis {batch}, got {reduction_axes!r}."
+            )
         if feature not in axes:
             raise ValueError(
                 f"{owner}: reduction_axes must include feature_axis={feature_axis!r} (the group's "
                 f"channels), got {reduction_axes!r}."
             )
-    num_groups = _check_groups(owner, x_m.shape[feature], num_groups, None)[0]
-    y, _ = _group_norm_over(
-        owner, x_m, num_groups, feature, axes, scale=scale, bias=bias, epsilon=epsilon, mask=mask, unit=unit
+    num_groups, _ = check_groups(owner, x_m.shape[feature], num_groups, group_size)
+    stats = _stats.compute_group_moments(
+        x_m, feature, num_groups, axes, mask=mask, use_fast_variance=use_fast_variance,
+        axis_name=axis_name, axis_index_groups=axis_index_groups,
     )
-    return y
+    return _normalize(owner, x_m, unit, stats, scale=scale, bias=bias, epsilon=epsilon, dtype=dtype)
 
 
-def _check_groups(owner, channels, num_groups, group_size):
-    """Resolve ``(num_groups, group_size)``: exactly one given, dividing ``channels``."""
-    if (num_groups is None) == (group_size is None):
-        raise ValueError(
-            f"{owner}: exactly one of num_groups and group_size must be given, got "
-            f"num_groups={num_groups!r}, group_size={group_size!r} (pass num_groups=None "
-            f"to use group_size)."
-        )
-    if group_size is not None:
-        group_size = check_positive_int(owner, "group_size", group_size)
-        if channels % group_size:
-            raise ValueError(
-                f"{owner}: group_size must divide the number of channels {channels}, got {group_size}."
-            )
-        return channels // group_size, group_size
-    num_groups = check_positive_int(owner, "num_groups", num_groups)
-    if channels % num_groups:
-        raise ValueError(
-            f"{owner}: num_groups must divide the number of channels {channels}, got {num_groups}."
-        )
-    return num_groups, channels // num_groups
-
-
-def instance_norm(x, scale=None, bias=None, *, feature_axis=-1, epsilon=1e-5, mask=None):
+def instance_norm(
+    x,
+    scale=None,
+    bias=None,
+    *,
+    feature_axis=-1,
+    epsilon=1e-5,
+    mask=None,
+    batch_axes=0,
+    running_mean=None,
+    running_var=None,
+    training: bool = True,
+    momentum=0.99,
+    unbiased_running_var: bool = False,
+    axis_name=None,
+    axis_index_groups=None,
+    use_fast_variance: bool = False,
+    dtype=None,
+):
     r"""Instance normalization (Ulyanov et al., 2016).
 
     .. math:: y = \frac{x - E_{s,c}[x]}{\sqrt{\mathrm{Var}_{s,c}[x] + \epsilon}}\gamma + \beta
 
-    with statistics per sample ``s`` (first axis) and channel ``c`` over every
-    other axis; equal to :func:`group_norm` with one channel per group.
+    with statistics per sample ``s`` (first axis, or ``batch_axes``) and
+    channel ``c`` over every other axis; equal to :func:`group_norm` with one
+    channel per group.
+
+    With running statistics (PyTorch's ``track_running_stats=True``), training
+    normalizes with the instance statistics and updates the running ones with
+    their batch average (over the instances with a valid element); evaluation
+    (``training=False``) normalizes with the running statistics. The function
+    then returns ``(y, new_running_mean, new_running_var)`` like
+    :func:`batch_norm`.
 
     Parameters
     ----------
     x : array_like or Quantity
         ``(B, ..., C, ...)``.
     scale, bias : array_like or Quantity, optional
-    feature_axis : int
-        Channel axis (not the batch axis).
+    feature_axis : int or sequence of int
+        Channel axes (not batch axes).
     epsilon : float or Quantity
     mask : array_like of bool, optional
+    batch_axes : int or sequence of int
+        Axes of ``x`` whose entries are separate samples (``()``: one sample).
+    running_mean, running_var : array_like or Quantity, optional
+        Running statistics, one entry per channel (e.g. ``(C,)``).
+    training : bool
+        With running statistics: update them (True) or normalize with them.
+    momentum : float or array
+        Weight of the old running value (flax/brainstate convention).
+    unbiased_running_var : bool
+        Correct each instance's variance by ``n / (n - 1)`` before averaging.
+    axis_name : hashable, optional
+        Average the instance statistics across this mapped axis too (the
+        normalization itself is per instance).
+    axis_index_groups : sequence of sequences of int, optional
+    use_fast_variance : bool
+    dtype : dtype, optional
 
     Returns
     -------
-    Array or Quantity
+    Array or Quantity, or ``(y, new_running_mean, new_running_var)``
 
     References
     ----------
@@ -715,18 +647,30 @@ def instance_norm(x, scale=None, bias=None, *, feature_axis=-1, epsilon=1e-5, ma
     """
     owner = "instance_norm"
     check_epsilon(owner, epsilon)
+    check_momentum(owner, momentum, allow_none=False)
     x_m, unit, mask = _prepare(owner, x, mask)
-    if x_m.ndim < 2:
-        raise ValueError(f"{owner}: x must have a batch axis and a channel axis, got shape {x_m.shape}.")
-    feature = canonical_axes(owner, "feature_axis", feature_axis, x_m.ndim)
-    if 0 in feature:
-        raise ValueError(f"{owner}: feature_axis must not be the batch axis 0, got {feature_axis!r}.")
-    axes = tuple(a for a in range(1, x_m.ndim) if a not in feature)
-    y, _ = _normalize_over(owner, x_m, axes, scale=scale, bias=bias, epsilon=epsilon, mask=mask, unit=unit)
-    return y
+    batch, feature = _batch_and_channel_axes(owner, x_m.shape, batch_axes, feature_axis)
+    axes = tuple(a for a in range(x_m.ndim) if a not in batch and a not in feature)
+    kept = tuple(1 if a in axes or a in batch else d for a, d in enumerate(x_m.shape))
+    check_running_statistics(owner, running_mean, running_var, kept)
+    x_m, stats_unit, mean, var = _in_statistics_unit(owner, x_m, unit, running_mean, running_var)
+    if mean is not None and not training:
+        stats = _stats.given_moments(mean, var, stats_dtype(x_m.dtype))
+        y = _normalize(owner, x_m, stats_unit, stats, scale=scale, bias=bias, epsilon=epsilon, dtype=dtype)
+        return (y,) + _with_unit(mean, var, stats_unit)
+    stats = _stats.compute_moments(x_m, axes, mask=mask, use_fast_variance=use_fast_variance)
+    y = _normalize(owner, x_m, stats_unit, stats, scale=scale, bias=bias, epsilon=epsilon, dtype=dtype)
+    if mean is None:
+        return y
+    batch_mean, batch_var, instances = _stats.instance_running_statistics(
+        stats, batch, unbiased_var=unbiased_running_var, axis_name=axis_name,
+        axis_index_groups=axis_index_groups,
+    )
+    mean, var = _stats.running_update(mean, var, batch_mean, batch_var, instances, momentum)
+    return (y,) + _with_unit(mean, var, stats_unit)
 
 
-def local_response_norm(x, size: int, *, alpha=1e-4, beta=0.75, k=1.0, feature_axis=-1):
+def local_response_norm(x, size: int, *, alpha=1e-4, beta=0.75, k=1.0, feature_axis=-1, mask=None, dtype=None):
     r"""Local response normalization across channels (Krizhevsky et al., 2012).
 
     .. math::
@@ -745,6 +689,10 @@ def local_response_norm(x, size: int, *, alpha=1e-4, beta=0.75, k=1.0, feature_a
     alpha, beta, k : float
     feature_axis : int
         Channel axis of ``x``.
+    mask : array_like of bool, optional
+        Positions where the mask is False count as zero in every window.
+    dtype : dtype, optional
+        Output dtype; default the input's floating dtype.
 
     Returns
     -------
@@ -764,10 +712,12 @@ def local_response_norm(x, size: int, *, alpha=1e-4, beta=0.75, k=1.0, feature_a
     """
     owner = "local_response_norm"
     size = check_positive_int(owner, "size", size)
-    x_m, unit = _units.split(x)
-    x_m = jnp.asarray(x_m)
-    feature = canonical_axes(owner, "feature_axis", feature_axis, x_m.ndim)[0]
-    return _units.attach(_local_response_norm(x_m, size, alpha, beta, k, feature), unit)
+    x_m, unit, mask = _prepare(owner, x, mask)
+    feature = canonical_axes(owner, "feature_axis", feature_axis, x_m.ndim)
+    if len(feature) != 1:
+        raise ValueError(f"{owner}: feature_axis must name one axis, got {feature_axis!r}.")
+    y = _stats.local_response(x_m, size, alpha, beta, k, feature[0], mask=mask)
+    return _units.attach(y.astype(output_dtype(x_m.dtype, dtype)), unit)
 
 
 def weight_standardization(w, eps=1e-4, gain=None, out_axis=-1):
@@ -815,12 +765,6 @@ def weight_standardization(w, eps=1e-4, gain=None, out_axis=-1):
     w_m = jnp.asarray(w_m)
     out = canonical_axes(owner, "out_axis", out_axis, w_m.ndim)
     axes = tuple(a for a in range(w_m.ndim) if a not in out)
-    stats = compute_moments(w_m, axes)
-    fan_in = math.prod(w_m.shape[a] for a in axes)
-    eps_m = _units.epsilon_value(owner, eps, unit)
-    factor = jax.lax.rsqrt(jnp.maximum(stats.var * fan_in, eps_m))
     gain_m, _, out_unit = _units.affine_units(owner, gain, None)
-    if gain_m is not None:
-        factor = factor * gain_m
-    y = ((w_m.astype(stats.var.dtype) - stats.shift) - stats.delta) * factor
+    y = _stats.standardize_weight(w_m, axes, _units.epsilon_value(owner, eps, unit), gain_m)
     return _units.attach(y.astype(output_dtype(w_m.dtype)), out_unit)

@@ -46,12 +46,14 @@ def max_error(actual, expected):
 # ---------------------------------------------------------------------------
 
 
-@pytest.fixture(params=["shifted", "guarded"])
+@pytest.fixture(params=["element", "mean"])
 def core_path(request, monkeypatch):
-    """Both ways the core computes the default sums: directly around a shift
-    (small inputs, other backends), or from the one-pass sums behind the guard
-    (large inputs on the CPU backend). The choice is made at trace time."""
-    monkeypatch.setattr(_stats, "GUARD_MIN_ELEMENTS", 0 if request.param == "guarded" else 1 << 62)
+    """Both shifts of the core: one of the group's elements (unmasked data), or
+    the group's mean from a first pass (masks, empty groups, reduced axes
+    sharded along an explicit mesh axis), forced here for unmasked data too.
+    The choice is made at trace time."""
+    if request.param == "mean":
+        monkeypatch.setattr(_stats, "_element_shift_possible", lambda x, axes: False)
     jax.clear_caches()  # traces made under the other setting must not be reused
     yield request.param
     jax.clear_caches()
@@ -140,53 +142,36 @@ def _relative_variance_error(x, mask=None):
 
 @pytest.mark.parametrize("masked", [False, True], ids=["unmasked", "masked"])
 @pytest.mark.parametrize("ratio", [0.0, 1.0, 1.9, 2.1, 8.0, 1e3])
-def test_default_variance_is_accurate_on_both_sides_of_the_one_pass_guard(core_path, rng, ratio, masked):
-    """|mean| / std just below 2 uses the one-pass sums, just above it the shifted ones: both stay accurate."""
-    from brainnorm._stats import _one_pass_is_accurate
-
+def test_default_variance_is_accurate_at_every_offset(core_path, rng, ratio, masked):
+    """|mean| / std from 0 to 1e3: the variance of either shift stays within 2e-6 relative."""
     z = rng.standard_normal((256, 1024))
     z = (z - z.mean(-1, keepdims=True)) / z.std(-1, keepdims=True)
     x = (3.0 * ratio + 3.0 * z).astype(np.float32)
     mask = rng.random(x.shape) < 0.8 if masked else None
     assert _relative_variance_error(x, mask) < 2e-6
-    # the guard's decision, from the sums the core computes
-    valid = x if mask is None else np.where(mask, x, 0)
-    count = np.full((256, 1), 1024.0) if mask is None else mask.sum(-1, keepdims=True).astype(np.float64)
-    s1 = jnp.asarray(valid.sum(-1, keepdims=True, dtype=np.float32))
-    s2 = jnp.asarray(np.square(valid).sum(-1, keepdims=True, dtype=np.float32))
-    if not masked:
-        assert bool(_one_pass_is_accurate(jnp.asarray(count, jnp.float32), s1, s2)) == (ratio < 2)
 
 
-def test_empty_batch_has_no_groups_to_guard(core_path):
-    """A batch of zero examples: the one-pass guard reduces over no groups (regression)."""
+def test_empty_groups_keep_their_reduced_axes(core_path):
+    """A batch of zero examples: zero groups, or groups of zero elements (regression)."""
     empty = np.zeros((0, 16), np.float32)
     assert jax.jit(lambda v: F.layer_norm(v))(empty).shape == (0, 16)
     mean, var = F.moments(empty, -1)
     assert mean.shape == (0, 1) and var.shape == (0, 1)
-
-
-def test_one_pass_guard_rejects_non_finite_sums():
-    from brainnorm._stats import _one_pass_is_accurate
-
-    count = jnp.full((2, 1), 4.0)
-    finite = jnp.asarray([[0.0], [0.0]]), jnp.asarray([[4.0], [4.0]])
-    assert bool(_one_pass_is_accurate(count, *finite))
-    for bad in (np.inf, np.nan):
-        s2 = jnp.asarray([[4.0], [bad]])
-        assert not bool(_one_pass_is_accurate(count, finite[0], s2))
+    mean, var = F.moments(empty, 0)
+    assert mean.shape == (1, 16) and var.shape == (1, 16)
+    assert float(jnp.abs(mean).max()) == 0.0 and float(jnp.abs(var).max()) == 0.0
 
 
 def test_one_ill_conditioned_group_makes_every_group_exact(core_path, rng):
-    """One offset row among well-conditioned ones: behind the guard the whole call takes the shifted sums."""
+    """One offset row among well-conditioned ones: every row is exact."""
     x = rng.standard_normal((32, 256)).astype(np.float32)
     x[7] += 1e4
     y = jax.jit(lambda v: F.layer_norm(v))(x)
     assert max_error(y, ref.normalize(x, -1, None, 1e-6)) < 1e-4
 
 
-def test_one_pass_guard_under_vmap_matches_reference(core_path, rng):
-    """Under vmap the guard is per example (the branches become a select): every example stays exact."""
+def test_vmap_matches_reference_at_every_offset(core_path, rng):
+    """Under vmap every example stays exact, whatever its offset."""
     x = rng.standard_normal((4, 16, 128)).astype(np.float32)
     x[1] += 1e4
     x[3] += 5.0
@@ -194,20 +179,12 @@ def test_one_pass_guard_under_vmap_matches_reference(core_path, rng):
     assert max_error(y, ref.normalize(x, -1, None, 1e-6)) < 1e-4
 
 
-def test_guard_only_where_its_fixed_cost_pays():
-    """Small inputs (a simulation step) compile without the guard's cond; large ones on the CPU backend keep it.
-
-    The guard costs a reduction over the groups, a branch and copies of its
-    outputs: several kernel launches per call, which dominate a 64 x 128 step
-    inside a loop. A large input saves a full pass over memory with it.
-    """
-    assert _stats.GUARD_MIN_ELEMENTS > 64 * 128
-    step = jax.jit(lambda v: F.moments(v, -1)).lower(jnp.ones((64, 128), jnp.float32)).compile().as_text()
-    assert "conditional" not in step
-    if jax.default_backend() == "cpu":
-        large = jnp.ones((256, 1024), jnp.float32)
-        assert large.size >= _stats.GUARD_MIN_ELEMENTS
-        assert "conditional" in jax.jit(lambda v: F.moments(v, -1)).lower(large).compile().as_text()
+@pytest.mark.parametrize("shape", [(64, 128), (512, 256)], ids=["small", "large"])
+def test_one_program_at_every_size(shape):
+    """Small and large inputs compile to the same kind of program: no branch, no custom call."""
+    program = jax.jit(lambda v: F.layer_norm(v)).lower(jnp.ones(shape, jnp.float32)).compile().as_text()
+    assert "conditional" not in program
+    assert "custom-call" not in program
 
 
 def test_shift_is_one_of_the_groups_values(rng):
@@ -224,8 +201,8 @@ def test_shift_is_one_of_the_groups_values(rng):
     assert np.all(np.asarray(y) == np.float32(0.25))
 
 
-@pytest.mark.parametrize("offset", [0.0, 1e3], ids=["one-pass", "shifted"])
-def test_layernorm_gradients_on_both_sides_of_the_one_pass_guard(core_path, rng, offset):
+@pytest.mark.parametrize("offset", [0.0, 1e3], ids=["centred", "offset"])
+def test_layernorm_gradients_at_every_offset(core_path, rng, offset):
     from . import reference_training as reft
 
     x = (offset + rng.standard_normal((8, 64))).astype(np.float32)
