@@ -15,7 +15,7 @@ from ._temporal import BatchNormThroughTime, TemporalEffectiveBatchNorm, Thresho
 from ._weight_norm import SpectralNorm, WeightNorm
 from .functional import weight_standardization
 
-__version__ = "0.2.0"
+__version__ = "0.1.0"
 
 warn_about_environment()
 del warn_about_environment

@@ -2,7 +2,7 @@
 
 brainnorm has one implementation: the pure-JAX statistics core
 (:mod:`brainnorm._stats`), lowered by XLA on every platform. Earlier versions
-also had a fused C++ kernel for XLA's CPU backend; it was removed in 0.2.0
+also had a fused C++ kernel for XLA's CPU backend; it was removed
 because it did not compose with forward-mode differentiation and GSPMD
 sharding, and a training step gained only a few percent from it
 (``docs/performance.rst``). The environment variables that configured it are
@@ -20,9 +20,9 @@ __all__ = ["backend_info"]
 
 #: Environment variables of earlier versions, now without effect.
 _RETIRED = {
-    "BRAINNORM_CPU_KERNEL": "the fused CPU kernel was removed in brainnorm 0.2.0",
-    "BRAINNORM_CPU_KERNEL_MIN_ELEMENTS": "the fused CPU kernel was removed in brainnorm 0.2.0",
-    "BRAINNORM_CACHE_DIR": "brainnorm 0.2.0 compiles nothing and caches nothing",
+    "BRAINNORM_CPU_KERNEL": "the fused CPU kernel was removed",
+    "BRAINNORM_CPU_KERNEL_MIN_ELEMENTS": "the fused CPU kernel was removed",
+    "BRAINNORM_CACHE_DIR": "brainnorm compiles nothing and caches nothing",
 }
 
 _warned: set[str] = set()
