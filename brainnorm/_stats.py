@@ -535,3 +535,13 @@ def local_response(x, size, alpha, beta, k, feature_axis, *, mask=None):
     # sum path; a traced one would fall back to the generic op, which has no VJP.
     window_sum = jax.lax.reduce_window(squares, np.zeros((), sdtype), jax.lax.add, window, (1,) * x.ndim, padding)
     return xs * jnp.power(k + (alpha / size) * window_sum, -beta)
+
+
+def l2_norm(v, axes, floor=0.0):
+    """``sqrt(max(sum(|v|^2), floor))`` over ``axes`` (kept with size 1).
+
+    The floor sits inside the square root: sqrt has an infinite slope at 0, so
+    clamping outside would still give a NaN gradient for a zero column.
+    """
+    squares = jnp.sum(abs_sq(v), axis=tuple(axes), keepdims=True)
+    return jnp.sqrt(jnp.maximum(squares, floor))

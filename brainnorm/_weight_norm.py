@@ -15,6 +15,7 @@ import brainstate
 import jax
 import jax.numpy as jnp
 
+from . import _stats
 from ._base import _RunningStatistics
 from ._validation import canonical_axes, check_epsilon, check_positive_int
 
@@ -173,10 +174,7 @@ class WeightNorm(_WeightWrapper):
         self.g = brainstate.ParamState(self._norm(weight))
 
     def _norm(self, v, floor=0.0):
-        # The floor sits inside the square root: sqrt has an infinite slope at 0,
-        # so clamping outside would still give a NaN gradient for a zero column.
-        squares = jnp.sum(jnp.square(v), axis=self._norm_axes, keepdims=True)
-        return jnp.sqrt(jnp.maximum(squares, floor))
+        return _stats.l2_norm(v, self._norm_axes, floor)
 
     def _weight(self, use_running_average):
         v = self.v.value
