@@ -65,6 +65,7 @@ per-shard partial sums.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 from typing import NamedTuple, Optional, Sequence
@@ -82,8 +83,10 @@ class Moments(NamedTuple):
     ``shift`` is None when the statistics are not shifted (fast variance, RMS,
     or externally given mean/var); ``delta`` is None when there is no mean
     (RMS normalization). ``count`` is the number of valid elements behind each
-    statistic (summed across devices with ``axis_name``); None for statistics
-    given from outside (running averages), which are never empty.
+    statistic (summed across devices with ``axis_name``): an array, or a NumPy
+    scalar when it is one number known at trace time (unmasked data), which
+    keeps the traced program free of tests that cannot fail; None for
+    statistics given from outside (running averages), which are never empty.
     """
 
     shift: Optional[jax.Array]
@@ -132,6 +135,28 @@ class _Sums(NamedTuple):
     s2: jax.Array
 
 
+def _static(count) -> bool:
+    """True for a count known at trace time (a NumPy scalar, the same for every group)."""
+    return not isinstance(count, jax.Array)
+
+
+def _has_data(count):
+    """``count > 0``, or None when that is known to hold everywhere."""
+    if _static(count) and np.all(np.asarray(count) > 0):
+        return None
+    return jnp.asarray(count) > 0
+
+
+def _select(pred, on_true, on_false):
+    """``where(pred, on_true, on_false)`` as one ``select`` (no nested ``jit`` in the trace)."""
+    shape = jnp.broadcast_shapes(jnp.shape(pred), jnp.shape(on_true), jnp.shape(on_false))
+    on_true = jnp.asarray(on_true)
+    on_false = jnp.asarray(on_false, on_true.dtype)
+    return jax.lax.select(
+        jnp.broadcast_to(pred, shape), jnp.broadcast_to(on_true, shape), jnp.broadcast_to(on_false, shape)
+    )
+
+
 def _reciprocal(count):
     """``1 / max(count, 1)``, for shifts written as ``sum * reciprocal``.
 
@@ -141,6 +166,8 @@ def _reciprocal(count):
     ``sum / count`` could round differently in different places; a single
     multiplication has one IEEE result wherever it is evaluated.
     """
+    if _static(count):
+        return float(1 / np.maximum(count, 1))
     return 1 / jnp.maximum(count, 1)
 
 
@@ -148,8 +175,7 @@ def _local_sums(x, axes, mask, use_mean, use_fast_variance) -> _Sums:
     """Sums of ``x`` (already in the statistics dtype) over ``axes``, kept with size 1."""
     real_dtype = jnp.zeros((), x.dtype).real.dtype
     if mask is None:
-        count = jnp.asarray(math.prod(x.shape[a] for a in axes), real_dtype)
-        count = jnp.broadcast_to(count, _kept_shape(x.shape, axes))
+        count = np.asarray(math.prod(x.shape[a] for a in axes), real_dtype)
         valid_x = x
         weight = None
     else:
@@ -223,15 +249,19 @@ def _merge(sums: _Sums, axis: int) -> _Sums:
     def total(values):
         return jnp.sum(values, axis=axis, keepdims=True)
 
-    count = total(sums.count)
+    n = sums.count
+    count = n * sums.s2.shape[axis] if _static(n) else total(n)
     if sums.shift is None:
         return _Sums(count, None, None if sums.s1 is None else total(sums.s1), total(sums.s2))
-    n = sums.count
     # The common shift is the shift of the member with the most valid elements:
     # a stored value (no arithmetic XLA could round differently in different
     # fusions) that lies inside the data.
-    largest = jnp.argmax(jnp.broadcast_to(n, sums.shift.shape), axis=axis, keepdims=True)
-    shift = jax.lax.stop_gradient(jnp.take_along_axis(sums.shift, largest, axis=axis))
+    if _static(n):
+        shift = jax.lax.slice_in_dim(sums.shift, 0, 1, axis=axis)
+    else:
+        largest = jnp.argmax(jnp.broadcast_to(n, sums.shift.shape), axis=axis, keepdims=True)
+        shift = jnp.take_along_axis(sums.shift, largest, axis=axis)
+    shift = jax.lax.stop_gradient(shift)
     offset = jax.lax.stop_gradient(sums.shift - shift)
     s1 = total(sums.s1 + n * offset)
     s2 = total(sums.s2 + 2 * jnp.real(jnp.conj(offset) * sums.s1) + n * abs_sq(offset))
@@ -239,7 +269,10 @@ def _merge(sums: _Sums, axis: int) -> _Sums:
 
 
 def _finalize(sums: _Sums) -> Moments:
-    n = jnp.maximum(sums.count.astype(jnp.real(sums.s2).dtype), 1)
+    if _static(sums.count):
+        n = float(np.maximum(sums.count, 1))
+    else:
+        n = jnp.maximum(sums.count.astype(jnp.real(sums.s2).dtype), 1)
     var = sums.s2 / n
     if sums.s1 is None:
         delta = None
@@ -300,8 +333,8 @@ def compute_group_moments(
     grouped_shape = x.shape[:feature_axis] + (num_groups, channels // num_groups) + x.shape[feature_axis + 1:]
 
     def split(value):
-        if value is None:
-            return None
+        if value is None or _static(value):
+            return value
         kept = _kept_shape(grouped_shape, [a if a < feature_axis else a + 1 for a in per_channel_axes])
         return jnp.reshape(jnp.broadcast_to(value, _kept_shape(x.shape, per_channel_axes)), kept)
 
@@ -311,8 +344,8 @@ def compute_group_moments(
     moments = _finalize(sums)
 
     def per_channel(value):
-        if value is None:
-            return None
+        if value is None or _static(value):
+            return value
         full = value.shape[:feature_axis + 1] + (channels // num_groups,) + value.shape[feature_axis + 2:]
         return jnp.reshape(jnp.broadcast_to(value, full), value.shape[:feature_axis] + (channels,) + value.shape[feature_axis + 2:])
 
@@ -375,6 +408,7 @@ def _combine_across_devices(sums: _Sums, axis_name, axis_index_groups) -> _Sums:
     one ``all_gather`` and merged like groups (:func:`_merge`).
     """
     count, shift, s1, s2 = sums
+    count = jnp.broadcast_to(jnp.asarray(count), s2.shape)  # summed across devices: traced from here
     if shift is None:
         parts = [count.astype(s2.dtype)] + ([s1] if s1 is not None else []) + [s2]
         if any(jnp.iscomplexobj(p) for p in parts):
@@ -404,17 +438,13 @@ def _combine_across_devices(sums: _Sums, axis_name, axis_index_groups) -> _Sums:
 def inverse_std(moments: Moments, epsilon):
     """``rsqrt(var + eps)``, and 0 for groups with no valid element."""
     inv = jax.lax.rsqrt(moments.var + epsilon)
-    if moments.count is not None:
-        inv = jnp.where(moments.count > 0, inv, jnp.zeros((), inv.dtype))
-    return inv
+    has_data = None if moments.count is None else _has_data(moments.count)
+    return inv if has_data is None else _select(has_data, inv, 0)
 
 
 def apply_moments(x, moments: Moments, *, epsilon, scale=None, bias=None, out_dtype=None):
     """``((x - shift) - delta) * rsqrt(var + eps) * scale + bias`` in the stats dtype."""
-    sdtype = moments.var.dtype if moments.delta is None else jnp.result_type(moments.var, moments.delta)
-    if jnp.iscomplexobj(x):
-        sdtype = jnp.result_type(sdtype, x.dtype)
-    y = x.astype(sdtype)
+    y = x.astype(apply_dtype(x, moments))
     if moments.shift is not None:
         y = y - moments.shift
     if moments.delta is not None:
@@ -428,6 +458,142 @@ def apply_moments(x, moments: Moments, *, epsilon, scale=None, bias=None, out_dt
     if out_dtype is not None:
         y = y.astype(out_dtype)
     return y
+
+
+class Reduction(NamedTuple):
+    """How a normalization groups ``x``: static and hashable (a custom-JVP parameter).
+
+    ``axes`` are the reduced axes of ``x`` (non-negative); with ``groups =
+    (feature_axis, num_groups)`` the channels along ``feature_axis`` (one of
+    ``axes``) form consecutive groups whose statistics every member channel
+    carries. ``axis_index_groups`` is a tuple of tuples.
+    """
+
+    axes: tuple
+    groups: Optional[tuple] = None
+    use_mean: bool = True
+    use_fast_variance: bool = False
+    axis_name: object = None
+    axis_index_groups: Optional[tuple] = None
+
+    def moments(self, x, mask) -> Moments:
+        options = dict(mask=mask, use_fast_variance=self.use_fast_variance, axis_name=self.axis_name,
+                       axis_index_groups=self.axis_index_groups)
+        if self.groups is None:
+            return compute_moments(x, self.axes, use_mean=self.use_mean, **options)
+        return compute_group_moments(x, *self.groups, self.axes, **options)
+
+    def total(self, values):
+        """Sums of ``values`` (full size, 0 at padding) over each group, shaped like the moments."""
+        if self.groups is None:
+            sums = jnp.sum(values, axis=self.axes, keepdims=True)
+        else:
+            feature, num_groups = self.groups
+            per_channel = tuple(a for a in self.axes if a != feature)
+            sums = jnp.sum(values, axis=per_channel, keepdims=True)
+            channels = sums.shape[feature]
+            split = sums.shape[:feature] + (num_groups, channels // num_groups) + sums.shape[feature + 1:]
+            grouped = jnp.sum(jnp.reshape(sums, split), axis=feature + 1, keepdims=True)
+            sums = jnp.reshape(jnp.broadcast_to(grouped, split), sums.shape)
+        if self.axis_name is not None:
+            sums = jax.lax.psum(sums, self.axis_name, axis_index_groups=self.axis_index_groups)
+        return sums
+
+
+def normalize_over(x, reduction: Reduction, *, mask=None, scale=None, bias=None, epsilon, out_dtype=None):
+    """Normalize ``x`` with its own statistics: ``(y, moments)``.
+
+    ``y = ((x - shift) - delta) * rsqrt(var + eps) * scale + bias`` (without
+    the mean for RMS statistics), differentiated by a custom JVP in plain JAX:
+    the tangent of the normalized value is the textbook
+    ``r (dx - mean(dx)) - (x - mean) r^3 mean((x - mean) dx)`` (means over the
+    valid elements of each group, across devices with ``axis_name``), which is
+    linear in the tangents, so reverse mode transposes it, and differentiable,
+    so derivatives of every order follow. The moments' tangents are those of
+    the mean and variance. The shift is a constant, as in the moments.
+    """
+    if not (jnp.issubdtype(x.dtype, jnp.floating) or jnp.issubdtype(x.dtype, jnp.complexfloating)):
+        x = x.astype(stats_dtype(x.dtype))
+    y, stats = _normalized(reduction, out_dtype or x.dtype, x, mask, scale, bias, epsilon)
+    if mask is None:
+        # unmasked counts are known at trace time: keep them static
+        count = np.asarray(math.prod(x.shape[a] for a in reduction.axes if reduction.groups is None
+                                     or a != reduction.groups[0]), stats.count.dtype)
+        if reduction.groups is not None:
+            count = count * (x.shape[reduction.groups[0]] // reduction.groups[1])
+        if reduction.axis_name is None:
+            stats = stats._replace(count=count)
+    return y, stats
+
+
+def _normalized_primal(reduction, out_dtype, x, mask, scale, bias, epsilon):
+    stats = reduction.moments(x, mask)
+    y = apply_moments(x, stats, epsilon=epsilon, scale=scale, bias=bias, out_dtype=out_dtype)
+    return y, stats
+
+
+def _as_output(stats: Moments) -> Moments:
+    """The moments as outputs of a JAX function: the count as an array of the statistics' shape."""
+    count = jnp.broadcast_to(jnp.asarray(stats.count), stats.var.shape).astype(stats.var.dtype)
+    return stats._replace(count=count)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1))
+def _normalized(reduction, out_dtype, x, mask, scale, bias, epsilon):
+    y, stats = _normalized_primal(reduction, out_dtype, x, mask, scale, bias, epsilon)
+    return y, _as_output(stats)
+
+
+@_normalized.defjvp
+def _normalized_jvp(reduction, out_dtype, primals, tangents):
+    x, mask, scale, bias, epsilon = primals
+    dx, _, d_scale, d_bias, _ = tangents
+    y, stats = _normalized_primal(reduction, out_dtype, x, mask, scale, bias, epsilon)
+    sdtype = apply_dtype(x, stats)
+    xs = x.astype(sdtype)
+    centered = xs
+    if stats.shift is not None:
+        centered = centered - stats.shift
+    if stats.delta is not None:
+        centered = centered - stats.delta
+    inv = inverse_std(stats, epsilon)
+    n = float(np.maximum(stats.count, 1)) if _static(stats.count) else jnp.maximum(stats.count, 1)
+
+    def mean(values):
+        if mask is not None:
+            values = _select(mask, values, 0)
+        return reduction.total(values) / n
+
+    dxs = jnp.asarray(dx).astype(sdtype)
+    d_sq = mean(jnp.real(jnp.conj(centered) * dxs))  # half the tangent of the variance
+    d_normalized = -centered * (inv * inv * inv * d_sq)
+    d_mean = None
+    if stats.delta is not None:
+        d_mean = mean(dxs)
+        d_normalized = d_normalized + (dxs - d_mean) * inv
+    else:
+        d_normalized = d_normalized + dxs * inv
+    d_y = d_normalized
+    if scale is not None:
+        d_y = d_y * scale + centered * inv * d_scale
+    if bias is not None:
+        d_y = d_y + d_bias
+    d_stats = Moments(
+        shift=None if stats.shift is None else jnp.zeros_like(stats.shift),
+        delta=None if stats.delta is None else d_mean.astype(stats.delta.dtype),
+        var=(2 * d_sq).astype(stats.var.dtype),
+        count=None,
+    )
+    stats = _as_output(stats)
+    return (y, stats), (d_y.astype(y.dtype), d_stats._replace(count=jnp.zeros_like(stats.count)))
+
+
+def apply_dtype(x, moments: Moments):
+    """The dtype in which :func:`apply_moments` computes."""
+    sdtype = moments.var.dtype if moments.delta is None else jnp.result_type(moments.var, moments.delta)
+    if jnp.iscomplexobj(x):
+        sdtype = jnp.result_type(sdtype, x.dtype)
+    return sdtype
 
 
 def output_dtype(x_dtype, dtype=None):
@@ -473,12 +639,15 @@ def running_update(old_mean, old_var, batch_mean, batch_var, count, momentum, *,
     shape = old_mean.shape
     batch_mean = jnp.reshape(batch_mean, shape) if batch_mean.size == old_mean.size else batch_mean
     batch_var = jnp.reshape(batch_var, shape) if batch_var.size == old_var.size else batch_var
-    count = jnp.reshape(count, shape) if jnp.size(count) == old_mean.size else count
-    momentum = jnp.asarray(momentum, old_mean.dtype)
+    if not isinstance(momentum, jax.Array):
+        momentum = float(momentum)  # folded at trace time
     new_mean = momentum * old_mean + (1 - momentum) * batch_mean.astype(old_mean.dtype)
     new_var = momentum * old_var + (1 - momentum) * batch_var.astype(old_var.dtype)
-    has_data = jnp.asarray(count) > 0
-    return jnp.where(has_data, new_mean, old_mean), jnp.where(has_data, new_var, old_var)
+    has_data = _has_data(count)
+    if has_data is None:
+        return new_mean, new_var
+    has_data = jnp.reshape(has_data, shape) if has_data.size == old_mean.size else has_data
+    return _select(has_data, new_mean, old_mean), _select(has_data, new_var, old_var)
 
 
 def instance_running_statistics(moments: Moments, batch_axes, *, unbiased_var=False, axis_name=None,

@@ -21,7 +21,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from . import _stats, _units
-from ._stats import Moments, apply_moments, default_epsilon, output_dtype, stats_dtype
+from ._stats import Moments, Reduction, apply_moments, default_epsilon, output_dtype, stats_dtype
 from ._validation import (
     canonical_axes,
     check_epsilon,
@@ -57,14 +57,32 @@ def _prepare(owner, x, mask):
     return x_m, unit, check_mask(owner, mask, x_m.shape)
 
 
-def _normalize(owner, x, unit, stats: Moments, *, scale, bias, epsilon, dtype):
-    """Apply ``stats`` to the array ``x`` (unit ``unit``); the result carries the unit of scale/bias."""
+def _affine(owner, x, unit, epsilon, scale, bias, dtype):
+    """Epsilon in the squared statistics unit, affine mantissas, output unit and dtype."""
     if epsilon is None:
         epsilon = default_epsilon(x.dtype)
     eps = _units.epsilon_value(owner, epsilon, unit)
     scale_m, bias_m, out_unit = _units.affine_units(owner, scale, bias)
-    y = apply_moments(x, stats, epsilon=eps, scale=scale_m, bias=bias_m, out_dtype=output_dtype(x.dtype, dtype))
-    return _units.attach(y, out_unit)
+    return eps, scale_m, bias_m, out_unit, output_dtype(x.dtype, dtype)
+
+
+def _apply(owner, x, unit, stats: Moments, *, scale, bias, epsilon, dtype):
+    """Normalize the array ``x`` (unit ``unit``) with given statistics; the result carries scale/bias's unit."""
+    eps, scale_m, bias_m, out_unit, out_dtype = _affine(owner, x, unit, epsilon, scale, bias, dtype)
+    return _units.attach(apply_moments(x, stats, epsilon=eps, scale=scale_m, bias=bias_m, out_dtype=out_dtype), out_unit)
+
+
+def _normalize(owner, x, unit, reduction, *, mask, scale, bias, epsilon, dtype):
+    """Normalize the array ``x`` (unit ``unit``) with its own statistics: ``(y, moments)``."""
+    eps, scale_m, bias_m, out_unit, out_dtype = _affine(owner, x, unit, epsilon, scale, bias, dtype)
+    y, stats = _stats.normalize_over(x, reduction, mask=mask, scale=scale_m, bias=bias_m, epsilon=eps,
+                                     out_dtype=out_dtype)
+    return _units.attach(y, out_unit), stats
+
+
+def _groups(axis_index_groups):
+    """``axis_index_groups`` as a hashable tuple of tuples (or None)."""
+    return None if axis_index_groups is None else tuple(tuple(int(i) for i in g) for g in axis_index_groups)
 
 
 def _in_statistics_unit(owner, x, unit, running_mean, running_var):
@@ -213,7 +231,7 @@ def normalize(x, mean, var, *, scale=None, bias=None, epsilon=1e-6, dtype=None):
     mean_m = _units.in_unit(owner, "mean", mean, unit)
     var_m = _units.in_unit(owner, "var", var, None if unit is None else unit**2)
     stats = _stats.given_moments(mean_m, var_m, stats_dtype(x_m.dtype))
-    return _normalize(owner, x_m, unit, stats, scale=scale, bias=bias, epsilon=epsilon, dtype=dtype)
+    return _apply(owner, x_m, unit, stats, scale=scale, bias=bias, epsilon=epsilon, dtype=dtype)
 
 
 def layer_norm(
@@ -276,11 +294,10 @@ def layer_norm(
     check_epsilon(owner, epsilon, allow_none=True)
     x_m, unit, mask = _prepare(owner, x, mask)
     axes = canonical_axes(owner, "reduction_axes", reduction_axes, x_m.ndim)
-    stats = _stats.compute_moments(
-        x_m, axes, mask=mask, use_fast_variance=use_fast_variance, axis_name=axis_name,
-        axis_index_groups=axis_index_groups,
-    )
-    return _normalize(owner, x_m, unit, stats, scale=scale, bias=bias, epsilon=epsilon, dtype=dtype)
+    reduction = Reduction(axes, use_fast_variance=bool(use_fast_variance), axis_name=axis_name,
+                          axis_index_groups=_groups(axis_index_groups))
+    return _normalize(owner, x_m, unit, reduction, mask=mask, scale=scale, bias=bias, epsilon=epsilon,
+                      dtype=dtype)[0]
 
 
 def rms_norm(
@@ -333,10 +350,9 @@ def rms_norm(
     check_epsilon(owner, epsilon, allow_none=True)
     x_m, unit, mask = _prepare(owner, x, mask)
     axes = canonical_axes(owner, "reduction_axes", reduction_axes, x_m.ndim)
-    stats = _stats.compute_moments(
-        x_m, axes, mask=mask, use_mean=False, axis_name=axis_name, axis_index_groups=axis_index_groups,
-    )
-    return _normalize(owner, x_m, unit, stats, scale=scale, bias=None, epsilon=epsilon, dtype=dtype)
+    reduction = Reduction(axes, use_mean=False, axis_name=axis_name, axis_index_groups=_groups(axis_index_groups))
+    return _normalize(owner, x_m, unit, reduction, mask=mask, scale=scale, bias=None, epsilon=epsilon,
+                      dtype=dtype)[0]
 
 
 def batch_norm(
@@ -433,14 +449,14 @@ def batch_norm(
     kept = tuple(1 if a in axes else d for a, d in enumerate(x_m.shape))
     check_running_statistics(owner, running_mean, running_var, kept)
     x_m, stats_unit, mean, var = _in_statistics_unit(owner, x_m, unit, running_mean, running_var)
+    options = dict(scale=scale, bias=bias, epsilon=epsilon, dtype=dtype)
     if training or mean is None:
-        stats = _stats.compute_moments(
-            x_m, axes, mask=mask, use_fast_variance=use_fast_variance, axis_name=axis_name,
-            axis_index_groups=axis_index_groups,
-        )
+        reduction = Reduction(axes, use_fast_variance=bool(use_fast_variance), axis_name=axis_name,
+                              axis_index_groups=_groups(axis_index_groups))
+        y, stats = _normalize(owner, x_m, stats_unit, reduction, mask=mask, **options)
     else:
         stats = _stats.given_moments(mean, var, stats_dtype(x_m.dtype))
-    y = _normalize(owner, x_m, stats_unit, stats, scale=scale, bias=bias, epsilon=epsilon, dtype=dtype)
+        y = _apply(owner, x_m, stats_unit, stats, **options)
     if mean is None:
         return y, None, None
     if training:
@@ -561,11 +577,10 @@ def group_norm(
                 f"channels), got {reduction_axes!r}."
             )
     num_groups, _ = check_groups(owner, x_m.shape[feature], num_groups, group_size)
-    stats = _stats.compute_group_moments(
-        x_m, feature, num_groups, axes, mask=mask, use_fast_variance=use_fast_variance,
-        axis_name=axis_name, axis_index_groups=axis_index_groups,
-    )
-    return _normalize(owner, x_m, unit, stats, scale=scale, bias=bias, epsilon=epsilon, dtype=dtype)
+    reduction = Reduction(axes, groups=(feature, num_groups), use_fast_variance=bool(use_fast_variance),
+                          axis_name=axis_name, axis_index_groups=_groups(axis_index_groups))
+    return _normalize(owner, x_m, unit, reduction, mask=mask, scale=scale, bias=bias, epsilon=epsilon,
+                      dtype=dtype)[0]
 
 
 def instance_norm(
@@ -654,12 +669,12 @@ def instance_norm(
     kept = tuple(1 if a in axes or a in batch else d for a, d in enumerate(x_m.shape))
     check_running_statistics(owner, running_mean, running_var, kept)
     x_m, stats_unit, mean, var = _in_statistics_unit(owner, x_m, unit, running_mean, running_var)
+    options = dict(scale=scale, bias=bias, epsilon=epsilon, dtype=dtype)
     if mean is not None and not training:
         stats = _stats.given_moments(mean, var, stats_dtype(x_m.dtype))
-        y = _normalize(owner, x_m, stats_unit, stats, scale=scale, bias=bias, epsilon=epsilon, dtype=dtype)
-        return (y,) + _with_unit(mean, var, stats_unit)
-    stats = _stats.compute_moments(x_m, axes, mask=mask, use_fast_variance=use_fast_variance)
-    y = _normalize(owner, x_m, stats_unit, stats, scale=scale, bias=bias, epsilon=epsilon, dtype=dtype)
+        return (_apply(owner, x_m, stats_unit, stats, **options),) + _with_unit(mean, var, stats_unit)
+    reduction = Reduction(axes, use_fast_variance=bool(use_fast_variance))
+    y, stats = _normalize(owner, x_m, stats_unit, reduction, mask=mask, **options)
     if mean is None:
         return y
     batch_mean, batch_var, instances = _stats.instance_running_statistics(
