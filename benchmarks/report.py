@@ -1,0 +1,381 @@
+"""What the benchmarks report: rows, targets, the printed table, results.json, results.png and table.rst."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import os
+import subprocess
+import sys
+
+import harness
+from cases import BN, BN_MASKED, BN_UNMASKED, BST, CASES, FLAX, FLAX_MASKED, FLOOR, SCAN, TITLES, TORCH
+
+# Targets: (case, numerator row, denominator row, limit, label, SPEC section).
+# A limit of None reports the ratio without a target (the end-to-end rows).
+TARGETS = (
+    ("layernorm", BN, FLAX, 0.8, "<= 0.8x flax.nnx", 7),
+    ("layernorm", BN, FLOOR, 1.5, "<= 1.5x floor", 7),
+    ("rmsnorm", BN, FLAX, 0.8, "<= 0.8x flax.nnx", 7),
+    ("rmsnorm", BN, FLOOR, 1.5, "<= 1.5x floor", 7),
+    ("masked_layernorm", BN_MASKED, BN_UNMASKED, 2.0, "<= 2x brainnorm unmasked", 7),
+    ("batchnorm2d", BN, BST, 1.0, "<= brainstate.nn", 7),
+    ("batchnorm2d", BN, FLAX, 0.8, "<= 0.8x flax.nnx", 7),
+    ("groupnorm", BN, FLAX, 0.6, "<= 0.6x flax.nnx", 7),
+    ("grad_layernorm", BN, FLAX, 1.0, "<= flax.nnx", 7),
+    ("grad_rmsnorm", BN, FLAX, 1.0, "<= flax.nnx", 7),
+    ("grad_batchnorm2d", BN, FLAX, 1.0, "<= flax.nnx", 7),
+    ("grad_groupnorm", BN, FLAX, 1.0, "<= flax.nnx", 7),
+    ("sim_loop", BN, SCAN, 1.1, "<= 1.1x hand-written scan", 7),
+    ("compile", BN, FLAX, 1.0, "<= flax.nnx", 8),
+    ("memory", BN, FLAX, 1.0, "<= flax.nnx", 8),
+    ("memory", BN_MASKED, FLAX_MASKED, 1.0, "<= flax.nnx (masked)", 8),
+    ("e2e_convnet", BN, FLAX, None, "vs flax.nnx", 8),
+    ("e2e_convnet", BN, BST, None, "vs brainstate.nn", 8),
+    ("e2e_snn", BN, FLAX, None, "vs flax.nnx", 8),
+    ("e2e_snn", BN, BST, None, "vs brainstate.nn", 8),
+)
+
+# the row each case's "vs ref" column divides by (besides flax.nnx and the floor)
+REFERENCE_ROW = {
+    "masked_layernorm": BN_UNMASKED,
+    "batchnorm2d": BST,
+    "sim_loop": SCAN,
+    "e2e_convnet": BST,
+    "e2e_snn": BST,
+}
+
+
+# ---------------------------------------------------------------------------
+# rows and targets
+# ---------------------------------------------------------------------------
+def flax_peer(name, names):
+    """The flax.nnx row a row is compared with: the one of the same variant ("flax.nnx (masked)"), else flax.nnx."""
+    variant = name[name.index(" ("):] if " (" in name else ""
+    return FLAX + variant if variant and FLAX + variant in names else FLAX
+
+
+def summarize(case, impls, shape_note, unit="ms", rounds=0):
+    """The rows of one case: statistics of every implementation and its ratios to flax.nnx, the floor, the reference."""
+    values = {}
+    for impl in impls:
+        if unit == "ms" and impl.samples:
+            values[impl.name] = harness.sample_stats(impl.samples)["median_ms"]
+        elif unit != "ms" and impl.value is not None:
+            values[impl.name] = impl.value
+    blocks = {impl.name: impl.block_medians for impl in impls}
+    floor_name = next((k for k in values if k.startswith(FLOOR)), None)
+    ref_name = REFERENCE_ROW.get(case)
+    rows = []
+    for impl in impls:
+        v = values.get(impl.name)
+        flax_name = flax_peer(impl.name, values)
+        ran = impl.samples if unit == "ms" else impl.value is not None
+        row = {
+            "case": case,
+            "title": TITLES[case],
+            "shape": shape_note,
+            "impl": impl.name,
+            "status": impl.status if impl.status != "ok" or ran else "error",
+            "note": impl.note,
+            "unit": unit,
+            "value": v,
+            **(harness.sample_stats(impl.samples) if unit == "ms" else {"median_ms": None}),
+            **({"details": impl.details} if unit != "ms" else {}),
+            "n_runs": len(impl.samples),
+            "rounds": rounds,
+            "block_medians_ms": [None if b is None else b * 1e3 for b in blocks[impl.name]],
+            "first_call_s": impl.first_call_s,
+            "check_error": impl.error,
+            "check_failed": impl.check_failed,
+            "versus_flax": flax_name,
+            "ratio_flax": (v / values[flax_name]) if v is not None and flax_name in values else None,
+            "ratio_floor": (v / values[floor_name]) if v is not None and floor_name and case != "floor" else None,
+            "reference": ref_name,
+            "ratio_ref": (v / values[ref_name]) if v is not None and ref_name in values else None,
+            "samples_ms": [s * 1e3 for s in impl.samples],
+        }
+        rows.append(row)
+    return rows
+
+
+def error_row(case, shape_note, exc):
+    """The row of a case that failed before its implementations ran."""
+    return {"case": case, "title": TITLES[case], "shape": shape_note, "impl": "(case)", "status": "error",
+            "note": f"{type(exc).__name__}: {exc}"[:300], "unit": None, "value": None, "median_ms": None,
+            "ratio_flax": None, "ratio_floor": None, "reference": None, "ratio_ref": None,
+            "block_medians_ms": [], "samples_ms": []}
+
+
+def evaluate_targets(rows):
+    """Every target whose case ran: the ratio of medians, the per-block ratios' range, the verdict."""
+    by_key = {(r["case"], r["impl"]): r for r in rows if r.get("value") is not None}
+    cases = {r["case"] for r in rows}
+    out = []
+    for case, num, den, limit, label, section in TARGETS:
+        if case not in cases:
+            continue
+        a, b = by_key.get((case, num)), by_key.get((case, den))
+        ratio = a["value"] / b["value"] if a and b and b["value"] else None
+        ratio_min = (a["min_ms"] / b["min_ms"]
+                     if a and b and a.get("min_ms") is not None and b.get("min_ms") else None)
+        low, high = harness.block_ratio_range(a and a["block_medians_ms"], b and b["block_medians_ms"])
+        if limit is None:
+            result = "info"
+        else:
+            result = "n/a" if ratio is None else ("PASS" if ratio <= limit else "FAIL")
+        out.append({
+            "case": case,
+            "impl": num,
+            "versus": den,
+            "limit": limit,
+            "label": label,
+            "spec_section": section,
+            "ratio": ratio,
+            "ratio_min_of_medians": low,
+            "ratio_block_range": None if low is None else [low, high],
+            "ratio_of_min_times": ratio_min,
+            "result": result,
+        })
+    return out
+
+
+# ---------------------------------------------------------------------------
+# text
+# ---------------------------------------------------------------------------
+def fmt(v, spec="{:.2f}"):
+    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else spec.format(v)
+
+
+def fmt_value(row):
+    """A row's median time or size, with its unit."""
+    if row.get("value") is None:
+        return "-"
+    if row.get("unit") == "MiB":
+        return f"{row['value']:.2f} MiB"
+    return f"{row['value']:.3f} ms"
+
+
+def fmt_target_ratio(t):
+    """A target's ratio of medians; three decimals where two would show the limit itself (1.00 FAIL)."""
+    close = t["ratio"] is not None and t["limit"] is not None and round(t["ratio"], 2) == t["limit"]
+    return fmt(t["ratio"], "{:.3f}" if close else "{:.2f}")
+
+
+def fmt_ratio(t):
+    """A target's ratio of medians and, when there are several blocks, the range of the per-block ratios."""
+    text = fmt_target_ratio(t)
+    rng = t.get("ratio_block_range")
+    if rng is not None and t["ratio"] is not None and rng[0] != rng[1]:
+        text += f" ({rng[0]:.2f}-{rng[1]:.2f})"
+    return text
+
+
+def target_text(t, bold=False):
+    verdict = t["result"] if t["limit"] is not None else ""
+    if bold and verdict:
+        verdict = f"**{verdict}**"
+    return f"{t['label']}: {fmt_ratio(t)}" + (f" {verdict}" if verdict else "")
+
+
+def _ref_cell(r):
+    if r["ratio_ref"] is None or r["impl"] == r["reference"]:
+        return "-"
+    return f"{fmt(r['ratio_ref'])} ({r['reference']})"
+
+
+TABLE_HEADER = ("case", "implementation", "median", "vs flax.nnx", "vs floor", "vs ref", "target (SPEC 7, 8)")
+
+
+def table_lines(rows, targets):
+    by_row = {}
+    for t in targets:
+        by_row.setdefault((t["case"], t["impl"]), []).append(target_text(t))
+    body = []
+    for r in rows:
+        if r["status"] != "ok":
+            target = f"{r['status']}: {r['note']}"
+        else:
+            target = "; ".join(by_row.get((r["case"], r["impl"]), []))
+            if r["note"]:
+                target = (target + "; " if target else "") + r["note"]
+        body.append((
+            f"{r['case']} {r['shape']}".strip(),
+            r["impl"],
+            fmt_value(r),
+            fmt(r["ratio_flax"]),
+            fmt(r["ratio_floor"]),
+            _ref_cell(r),
+            target,
+        ))
+    header = TABLE_HEADER
+    widths = [max(len(str(x[i])) for x in [header, *body]) for i in range(len(header) - 1)]
+    lines = []
+
+    def line(cells):
+        parts = [str(c).ljust(w) if i < 2 else str(c).rjust(w) for i, (c, w) in enumerate(zip(cells, widths))]
+        return "  ".join(parts + [str(cells[-1])]).rstrip()
+
+    lines.append(line(header))
+    lines.append("-" * (sum(widths) + 2 * len(widths) + len(header[-1])))
+    prev = None
+    for r, b in zip(rows, body):
+        if prev is not None and r["case"] != prev:
+            lines.append("")
+        prev = r["case"]
+        lines.append(line(b))
+    return lines
+
+
+def target_lines(targets):
+    """The targets as printed after the table: verdict, ratio of medians, min-of-medians and block range."""
+    lines = ["targets (SPEC sections 7 and 8; ratio of medians, min-of-medians over blocks of rounds [range]):"]
+    for t in targets:
+        blocks = ""
+        if t["ratio_block_range"] is not None:
+            low, high = t["ratio_block_range"]
+            blocks = f"   min-of-medians {low:.2f} [{low:.2f}-{high:.2f}]"
+        lines.append(f"  {t['result']:4s}  {t['case']:18s} {t['impl']} {t['label']}: {fmt_target_ratio(t)}{blocks}")
+    return lines
+
+
+def rst_table(rows, targets):
+    """The result table as a reStructuredText list-table (for docs/performance.rst)."""
+    by_row = {}
+    for t in targets:
+        by_row.setdefault((t["case"], t["impl"]), []).append(target_text(t, bold=True))
+    out = [
+        ".. list-table::",
+        "   :header-rows: 1",
+        "   :widths: 22 20 10 10 10 14 30",
+        "",
+        *(f"   * - {c}" if i == 0 else f"     - {c}" for i, c in enumerate(TABLE_HEADER)),
+    ]
+    for r in rows:
+        target = "; ".join(by_row.get((r["case"], r["impl"]), [])) if r["status"] == "ok" else r["status"]
+        cells = [f"{r['case']} {r['shape']}".strip(), r["impl"], fmt_value(r), fmt(r["ratio_flax"]),
+                 fmt(r["ratio_floor"]), _ref_cell(r), target or ""]
+        out.append(f"   * - {cells[0]}")
+        out.extend(f"     - {c}".rstrip() for c in cells[1:])
+    return "\n".join(out) + "\n"
+
+
+# ---------------------------------------------------------------------------
+# files
+# ---------------------------------------------------------------------------
+def git_revision():
+    """The repository's commit (with "-dirty" when the work tree has changes), or None."""
+    try:
+        out = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True,
+                             cwd=os.path.dirname(os.path.abspath(__file__)), timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def write_results(out_dir, *, mode, config, machine, wall, rows, targets, cache):
+    """Write results.json, table.rst and results.png into ``out_dir``; return the paths written."""
+    os.makedirs(out_dir, exist_ok=True)
+    json_path = os.path.join(out_dir, "results.json")
+    png_path = os.path.join(out_dir, "results.png")
+    rst_path = os.path.join(out_dir, "table.rst")
+    result = {
+        "mode": mode,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
+        "git_revision": git_revision(),
+        "config": config,
+        "machine": machine,
+        "wall_time_s": wall,
+        "rows": rows,
+        "targets": targets,
+    }
+    with open(json_path, "w") as fh:
+        json.dump(result, fh, indent=1)
+    with open(rst_path, "w") as fh:
+        fh.write(rst_table(rows, targets))
+    written = [json_path]
+    if plot(rows, targets, png_path, machine, cache):
+        written.append(png_path)
+    written.append(rst_path)
+    return written
+
+
+COLORS = {BN: "#1f77b4", BN_MASKED: "#1f77b4", BN_UNMASKED: "#9ecae1", FLAX: "#ff7f0e", FLAX_MASKED: "#ff7f0e",
+          BST: "#2ca02c", TORCH: "#d62728", SCAN: "#8c564b", FLOOR: "#7f7f7f"}
+
+
+def plot(rows, targets, path, machine, cache="warm"):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        from matplotlib.lines import Line2D
+        from matplotlib.patches import Patch
+    except Exception as exc:
+        print(f"note: no plot ({exc})")
+        return False
+    limits = {(t["case"], t["versus"]): t for t in targets if t["limit"] is not None}
+    ok = [r for r in rows if r.get("value") is not None and r["case"] != "floor"]
+    cases = [c for c in CASES if any(r["case"] == c for r in ok)]
+    fig, axes = plt.subplots(3, 1, figsize=(13, 11))
+
+    def panel(ax, key, versus, title, impl_filter, cap):
+        x0, ticks, labels, used = 0.0, [], [], {}
+        for case in cases:
+            rs = [r for r in ok if r["case"] == case and r[key] is not None and impl_filter(r)]
+            if not rs:
+                continue
+            width = 0.8 / len(rs)
+            for k, r in enumerate(rs):
+                name = r["impl"]
+                legend = {BN_MASKED: BN, FLAX_MASKED: FLAX}.get(name, name)
+                value = r[key]
+                clipped = value > cap
+                color = COLORS.get(name, "#bcbd22")
+                ax.bar(x0 + k * width, min(value, cap), width, color=color, hatch="//" if clipped else None)
+                used.setdefault(legend, color)
+                if clipped:
+                    ax.text(x0 + k * width, cap * 0.97, f"{value:.1f}", ha="center", va="top", fontsize=6,
+                            rotation=90, color="white", fontweight="bold")
+                else:
+                    ax.text(x0 + k * width, value, f"{value:.2f}", ha="center", va="bottom", fontsize=6)
+            t = limits.get((case, versus))
+            if t is not None:
+                ax.hlines(t["limit"], x0 - width / 2, x0 + 0.8 - width / 2, colors="red", linestyles="--", linewidth=1.5)
+            ticks.append(x0 + 0.4 - width / 2)
+            labels.append(case)
+            x0 += 1.0
+        ax.axhline(1.0, color="black", linewidth=0.6)
+        ax.set_ylim(0, cap * 1.15)
+        ax.set_xticks(ticks)
+        ax.set_xticklabels(labels, rotation=20, ha="right", fontsize=8)
+        ax.set_title(title + f"; bars above {cap:g} are cut (hatched)", fontsize=10)
+        handles = [Patch(color=color, label=name) for name, color in used.items()]
+        handles.append(Line2D([], [], color="red", linestyle="--", label="SPEC limit (brainnorm)"))
+        ax.legend(handles=handles, fontsize=7, ncol=8, loc="upper left")
+
+    panel(axes[0], "ratio_flax", FLAX, "time (memory: bytes) / flax.nnx's (red dashes: SPEC limit for brainnorm)",
+          lambda r: r["impl"] != FLOOR, cap=3.0)
+    panel(axes[1], "ratio_floor", FLOOR, "time / bandwidth floor x*a+b on the same array (red dashes: limit)",
+          lambda r: r["impl"] != FLOOR, cap=8.0)
+    ax = axes[2]
+    other = [t for t in targets if t["versus"] not in (FLAX, FLOOR, FLAX_MASKED) and t["ratio"] is not None]
+    for k, t in enumerate(other):
+        color = {"PASS": "#2ca02c", "FAIL": "#d62728"}.get(t["result"], "#7f7f7f")
+        ax.bar(k, t["ratio"], 0.6, color=color)
+        if t["limit"] is not None:
+            ax.hlines(t["limit"], k - 0.35, k + 0.35, colors="red", linestyles="--", linewidth=1.5)
+        ax.text(k, t["ratio"], f"{t['ratio']:.2f}", ha="center", va="bottom", fontsize=8)
+    ax.set_xticks(range(len(other)))
+    ax.set_xticklabels([f"{t['case']}\n{t['impl']} / {t['versus']}" for t in other], fontsize=8)
+    ax.axhline(1.0, color="black", linewidth=0.6)
+    ax.set_title("other ratios: bar (green PASS, red FAIL, grey no target) and SPEC limit (red dashes)", fontsize=10)
+    fig.suptitle(f"brainnorm benchmarks: {machine['cpu_model']} ({machine['cpus_available']} CPUs), "
+                 f"jax {machine['jax']}, flax {machine['flax']}, torch {machine['torch']}; {cache} caches", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
