@@ -548,7 +548,7 @@ def _normalized(reduction, out_dtype, x, mask, scale, bias, epsilon):
 def _normalized_jvp(reduction, out_dtype, primals, tangents):
     x, mask, scale, bias, epsilon = primals
     dx, _, d_scale, d_bias, _ = tangents
-    y, stats = _normalized_primal(reduction, out_dtype, x, mask, scale, bias, epsilon)
+    stats = reduction.moments(x, mask)
     sdtype = apply_dtype(x, stats)
     xs = x.astype(sdtype)
     centered = xs
@@ -557,6 +557,12 @@ def _normalized_jvp(reduction, out_dtype, primals, tangents):
     if stats.delta is not None:
         centered = centered - stats.delta
     inv = inverse_std(stats, epsilon)
+    # the primal output, with the same operations as apply_moments
+    factor = inv if scale is None else inv * scale
+    y = centered * factor
+    if bias is not None:
+        y = y + bias
+    y = y.astype(out_dtype)
     n = float(np.maximum(stats.count, 1)) if _static(stats.count) else jnp.maximum(stats.count, 1)
 
     def mean(values):
@@ -566,16 +572,13 @@ def _normalized_jvp(reduction, out_dtype, primals, tangents):
 
     dxs = jnp.asarray(dx).astype(sdtype)
     d_sq = mean(jnp.real(jnp.conj(centered) * dxs))  # half the tangent of the variance
-    d_normalized = -centered * (inv * inv * inv * d_sq)
     d_mean = None
     if stats.delta is not None:
         d_mean = mean(dxs)
-        d_normalized = d_normalized + (dxs - d_mean) * inv
-    else:
-        d_normalized = d_normalized + dxs * inv
-    d_y = d_normalized
+        dxs = dxs - d_mean
+    d_y = (dxs - centered * (inv * inv * d_sq)) * factor
     if scale is not None:
-        d_y = d_y * scale + centered * inv * d_scale
+        d_y = d_y + centered * inv * d_scale
     if bias is not None:
         d_y = d_y + d_bias
     d_stats = Moments(
