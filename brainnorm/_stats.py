@@ -185,11 +185,11 @@ def _local_sums(x, axes, mask, use_mean, use_fast_variance) -> _Sums:
         # runs an order of magnitude slower there).
         mask = jnp.broadcast_to(mask, x.shape)
         weight = mask.astype(real_dtype)
-        count = jnp.sum(weight, axis=axes, keepdims=True)
+        count = _sum_kept(weight, axes)
         valid_x = jnp.where(mask, x, jnp.zeros((), x.dtype))
 
     def total(values):
-        return jnp.sum(values, axis=axes, keepdims=True)
+        return _sum_kept(values, axes)
 
     if not use_mean:
         return _Sums(count, None, None, total(abs_sq(valid_x)))
@@ -206,7 +206,7 @@ def _shift(valid_x, weight, count, axes):
     """A value close to each group's data (see the module docstring), reduced axes kept."""
     if weight is None and _element_shift_possible(valid_x, axes):
         return _group_element(valid_x, axes)
-    mean = jnp.sum(valid_x, axis=axes, keepdims=True) * _reciprocal(count)
+    mean = _sum_kept(valid_x, axes) * _reciprocal(count)
     return _frozen(mean)
 
 
@@ -247,7 +247,7 @@ def _merge(sums: _Sums, axis: int) -> _Sums:
     """
 
     def total(values):
-        return jnp.sum(values, axis=axis, keepdims=True)
+        return _sum_kept(values, (axis,))
 
     n = sums.count
     count = n * sums.s2.shape[axis] if _static(n) else total(n)
@@ -373,7 +373,16 @@ def _group_element(x, axes):
     if jnp.iscomplexobj(first):
         # complex numbers have no order: the first element
         return jax.lax.slice_in_dim(first, 0, 1, axis=along)
-    return jnp.max(first, axis=along, keepdims=True)
+    return jnp.reshape(jnp.max(first, axis=along), _kept_shape(first.shape, (along,)))
+
+
+def _sum_kept(values, axes):
+    """``sum(values, axes, keepdims=True)`` with a reshape instead of a broadcast.
+
+    The reshape transposes to a reshape; a ``keepdims`` broadcast transposes
+    to one more (trivial) reduction in every derivative program.
+    """
+    return jnp.reshape(jnp.sum(values, axis=tuple(axes)), _kept_shape(values.shape, axes))
 
 
 def _kept_shape(shape, axes):
@@ -486,14 +495,14 @@ class Reduction(NamedTuple):
     def total(self, values):
         """Sums of ``values`` (full size, 0 at padding) over each group, shaped like the moments."""
         if self.groups is None:
-            sums = jnp.sum(values, axis=self.axes, keepdims=True)
+            sums = _sum_kept(values, self.axes)
         else:
             feature, num_groups = self.groups
             per_channel = tuple(a for a in self.axes if a != feature)
-            sums = jnp.sum(values, axis=per_channel, keepdims=True)
+            sums = _sum_kept(values, per_channel)
             channels = sums.shape[feature]
             split = sums.shape[:feature] + (num_groups, channels // num_groups) + sums.shape[feature + 1:]
-            grouped = jnp.sum(jnp.reshape(sums, split), axis=feature + 1, keepdims=True)
+            grouped = _sum_kept(jnp.reshape(sums, split), (feature + 1,))
             sums = jnp.reshape(jnp.broadcast_to(grouped, split), sums.shape)
         if self.axis_name is not None:
             sums = jax.lax.psum(sums, self.axis_name, axis_index_groups=self.axis_index_groups)
