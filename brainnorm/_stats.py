@@ -559,12 +559,10 @@ def _normalized_jvp(reduction, out_dtype, primals, tangents):
     dx, _, d_scale, d_bias, _ = tangents
     stats = reduction.moments(x, mask)
     sdtype = apply_dtype(x, stats)
-    xs = x.astype(sdtype)
-    centered = xs
+    shifted = x.astype(sdtype)
     if stats.shift is not None:
-        centered = centered - stats.shift
-    if stats.delta is not None:
-        centered = centered - stats.delta
+        shifted = shifted - stats.shift
+    centered = shifted if stats.delta is None else shifted - stats.delta
     inv = inverse_std(stats, epsilon)
     # the primal output, with the same operations as apply_moments
     factor = inv if scale is None else inv * scale
@@ -580,14 +578,21 @@ def _normalized_jvp(reduction, out_dtype, primals, tangents):
         return reduction.total(values) / n
 
     dxs = jnp.asarray(dx).astype(sdtype)
-    d_sq = mean(jnp.real(jnp.conj(centered) * dxs))  # half the tangent of the variance
+    # Everything full-size is written in terms of x - shift, which the sums of
+    # the moments formed already: with the centred values (x - shift - delta)
+    # in the reductions too, XLA writes out a second full-size array.
+    d_sq = mean(jnp.real(jnp.conj(shifted) * dxs))  # half the variance's tangent, before centring
     d_mean = None
     if stats.delta is not None:
         d_mean = mean(dxs)
-        dxs = dxs - d_mean
-    d_y = (dxs - centered * (inv * inv * d_sq)) * factor
+        d_sq = d_sq - jnp.real(jnp.conj(stats.delta) * d_mean)
+    # d_y = (dx - d_mean) * factor - centred * inv^2 d_sq * factor + centred * inv * d_scale + d_bias
+    slope = -(inv * inv * d_sq) * factor
     if scale is not None:
-        d_y = d_y + centered * inv * d_scale
+        slope = slope + inv * d_scale
+    d_y = dxs * factor + shifted * slope
+    if stats.delta is not None:
+        d_y = d_y - (stats.delta * slope + d_mean * factor)
     if bias is not None:
         d_y = d_y + d_bias
     d_stats = Moments(
