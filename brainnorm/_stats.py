@@ -509,8 +509,9 @@ class Reduction(NamedTuple):
         return sums
 
 
-def normalize_over(x, reduction: Reduction, *, mask=None, scale=None, bias=None, epsilon, out_dtype=None):
-    """Normalize ``x`` with its own statistics: ``(y, moments)``.
+def normalize_over(x, reduction: Reduction, *, mask=None, scale=None, bias=None, epsilon, out_dtype=None,
+                   with_moments=True):
+    """Normalize ``x`` with its own statistics: ``(y, moments)`` (``moments`` None unless ``with_moments``).
 
     ``y = ((x - shift) - delta) * rsqrt(var + eps) * scale + bias`` (without
     the mean for RMS statistics), differentiated by a custom JVP in plain JAX:
@@ -523,8 +524,8 @@ def normalize_over(x, reduction: Reduction, *, mask=None, scale=None, bias=None,
     """
     if not (jnp.issubdtype(x.dtype, jnp.floating) or jnp.issubdtype(x.dtype, jnp.complexfloating)):
         x = x.astype(stats_dtype(x.dtype))
-    y, stats = _normalized(reduction, out_dtype or x.dtype, x, mask, scale, bias, epsilon)
-    if mask is None:
+    y, stats = _normalized(reduction, out_dtype or x.dtype, bool(with_moments), x, mask, scale, bias, epsilon)
+    if stats is not None and mask is None:
         # unmasked counts are known at trace time: keep them static
         count = np.asarray(math.prod(x.shape[a] for a in reduction.axes if reduction.groups is None
                                      or a != reduction.groups[0]), stats.count.dtype)
@@ -547,14 +548,14 @@ def _as_output(stats: Moments) -> Moments:
     return stats._replace(count=count)
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1))
-def _normalized(reduction, out_dtype, x, mask, scale, bias, epsilon):
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1, 2))
+def _normalized(reduction, out_dtype, with_moments, x, mask, scale, bias, epsilon):
     y, stats = _normalized_primal(reduction, out_dtype, x, mask, scale, bias, epsilon)
-    return y, _as_output(stats)
+    return y, (_as_output(stats) if with_moments else None)
 
 
 @_normalized.defjvp
-def _normalized_jvp(reduction, out_dtype, primals, tangents):
+def _normalized_jvp(reduction, out_dtype, with_moments, primals, tangents):
     x, mask, scale, bias, epsilon = primals
     dx, _, d_scale, d_bias, _ = tangents
     stats = reduction.moments(x, mask)
@@ -578,23 +579,33 @@ def _normalized_jvp(reduction, out_dtype, primals, tangents):
         return reduction.total(values) / n
 
     dxs = jnp.asarray(dx).astype(sdtype)
-    # Everything full-size is written in terms of x - shift, which the sums of
-    # the moments formed already: with the centred values (x - shift - delta)
-    # in the reductions too, XLA writes out a second full-size array.
-    d_sq = mean(jnp.real(jnp.conj(shifted) * dxs))  # half the variance's tangent, before centring
-    d_mean = None
-    if stats.delta is not None:
-        d_mean = mean(dxs)
-        d_sq = d_sq - jnp.real(jnp.conj(stats.delta) * d_mean)
-    # d_y = (dx - d_mean) * factor - centred * inv^2 d_sq * factor + centred * inv * d_scale + d_bias
-    slope = -(inv * inv * d_sq) * factor
-    if scale is not None:
-        slope = slope + inv * d_scale
-    d_y = dxs * factor + shifted * slope
-    if stats.delta is not None:
-        d_y = d_y - (stats.delta * slope + d_mean * factor)
+    d_mean = None if stats.delta is None else mean(dxs)
+    if jnp.shape(factor) == jnp.shape(inv):
+        # One factor per group (BatchNorm, InstanceNorm): everything full-size
+        # is written with x - shift, which the moments' sums formed already;
+        # with the centred values in the reductions too, XLA writes out a
+        # second full-size array.
+        d_sq = mean(jnp.real(jnp.conj(shifted) * dxs))  # half the variance's tangent, before centring
+        if d_mean is not None:
+            d_sq = d_sq - jnp.real(jnp.conj(stats.delta) * d_mean)
+        slope = -(inv * inv * d_sq) * factor
+        if scale is not None:
+            slope = slope + inv * d_scale
+        d_y = dxs * factor + shifted * slope
+        if d_mean is not None:
+            d_y = d_y - (stats.delta * slope + d_mean * factor)
+    else:
+        # A factor per element (LayerNorm's scale along the normalized axes).
+        d_sq = mean(jnp.real(jnp.conj(centered) * dxs))
+        if d_mean is not None:
+            dxs = dxs - d_mean
+        d_y = (dxs - centered * (inv * inv * d_sq)) * factor
+        if scale is not None:
+            d_y = d_y + centered * inv * d_scale
     if bias is not None:
         d_y = d_y + d_bias
+    if not with_moments:
+        return (y, None), (d_y.astype(y.dtype), None)
     d_stats = Moments(
         shift=None if stats.shift is None else jnp.zeros_like(stats.shift),
         delta=None if stats.delta is None else d_mean.astype(stats.delta.dtype),

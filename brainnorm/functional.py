@@ -72,11 +72,11 @@ def _apply(owner, x, unit, stats: Moments, *, scale, bias, epsilon, dtype):
     return _units.attach(apply_moments(x, stats, epsilon=eps, scale=scale_m, bias=bias_m, out_dtype=out_dtype), out_unit)
 
 
-def _normalize(owner, x, unit, reduction, *, mask, scale, bias, epsilon, dtype):
-    """Normalize the array ``x`` (unit ``unit``) with its own statistics: ``(y, moments)``."""
+def _normalize(owner, x, unit, reduction, *, mask, scale, bias, epsilon, dtype, with_moments=False):
+    """Normalize the array ``x`` (unit ``unit``) with its own statistics: ``(y, moments or None)``."""
     eps, scale_m, bias_m, out_unit, out_dtype = _affine(owner, x, unit, epsilon, scale, bias, dtype)
     y, stats = _stats.normalize_over(x, reduction, mask=mask, scale=scale_m, bias=bias_m, epsilon=eps,
-                                     out_dtype=out_dtype)
+                                     out_dtype=out_dtype, with_moments=with_moments)
     return _units.attach(y, out_unit), stats
 
 
@@ -453,7 +453,8 @@ def batch_norm(
     if training or mean is None:
         reduction = Reduction(axes, use_fast_variance=bool(use_fast_variance), axis_name=axis_name,
                               axis_index_groups=_groups(axis_index_groups))
-        y, stats = _normalize(owner, x_m, stats_unit, reduction, mask=mask, **options)
+        y, stats = _normalize(owner, x_m, stats_unit, reduction, mask=mask, with_moments=mean is not None,
+                              **options)
     else:
         stats = _stats.given_moments(mean, var, stats_dtype(x_m.dtype))
         y = _apply(owner, x_m, stats_unit, stats, **options)
@@ -674,7 +675,8 @@ def instance_norm(
         stats = _stats.given_moments(mean, var, stats_dtype(x_m.dtype))
         return (_apply(owner, x_m, stats_unit, stats, **options),) + _with_unit(mean, var, stats_unit)
     reduction = Reduction(axes, use_fast_variance=bool(use_fast_variance))
-    y, stats = _normalize(owner, x_m, stats_unit, reduction, mask=mask, **options)
+    y, stats = _normalize(owner, x_m, stats_unit, reduction, mask=mask, with_moments=mean is not None,
+                          **options)
     if mean is None:
         return y
     batch_mean, batch_var, instances = _stats.instance_running_statistics(
