@@ -20,7 +20,6 @@ about 1e-3 at 1e4, 0.06 at 1e6).
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 import re
 import subprocess
@@ -31,6 +30,7 @@ import pytest
 
 from . import reference as ref
 from . import reference_training as reft
+from ._devices import four_device_env
 
 HERE = pathlib.Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -41,17 +41,11 @@ ROWS = 6  # rows per device in the worker's data
 ATOL = 1e-5
 
 
-def _env():
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH", "")]))
-    return env
-
-
 @pytest.fixture(scope="module")
 def worker(tmp_path_factory):
     """Run every worker case once; return ``get(case) -> dict of arrays``."""
     out = tmp_path_factory.mktemp("distributed")
-    proc = subprocess.run([sys.executable, str(WORKER), str(out)], env=_env(), capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, str(WORKER), str(out)], env=four_device_env(), capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, f"worker failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     meta = json.loads((out / "errors.json").read_text())
@@ -305,7 +299,7 @@ def test_layers_with_axis_index_groups_under_pmap(worker):
 
 def test_example_runs_in_quick_mode(tmp_path):
     out = tmp_path / "comparison.png"
-    proc = subprocess.run([sys.executable, str(EXAMPLE), "--quick", "--out", str(out)], env=_env(),
+    proc = subprocess.run([sys.executable, str(EXAMPLE), "--quick", "--out", str(out)], env=four_device_env(),
                           capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert out.exists() and out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -40,7 +40,6 @@ d. ``jax.shard_map`` and ``jax.pmap`` with ``axis_name`` (65536 elements per
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 import subprocess
 import sys
@@ -56,19 +55,14 @@ ATOL = 1e-5
 RTOL = 1e-6
 
 from . import _gspmd_worker as W  # case names and the HLO scan; importing it sets no environment variable
-
-
-def _env():
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH", "")]))
-    return env
+from ._devices import four_device_env
 
 
 @pytest.fixture(scope="module")
 def worker(tmp_path_factory):
     """Run every worker case once; return ``get(case) -> (arrays, info)``."""
     out = tmp_path_factory.mktemp("gspmd")
-    proc = subprocess.run([sys.executable, str(WORKER), str(out)], env=_env(), capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, str(WORKER), str(out)], env=four_device_env(), capture_output=True, text=True,
                           timeout=900, cwd=str(ROOT))
     assert proc.returncode == 0, f"worker failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     meta = json.loads((out / "meta.json").read_text())
