@@ -148,13 +148,13 @@ def _has_data(count):
 
 
 def _select(pred, on_true, on_false):
-    """``where(pred, on_true, on_false)`` as one ``select`` (no nested ``jit`` in the trace)."""
-    shape = jnp.broadcast_shapes(jnp.shape(pred), jnp.shape(on_true), jnp.shape(on_false))
+    """``where(pred, on_true, on_false)`` in the dtype of ``on_true``.
+
+    ``jnp.where`` (not a bare ``lax.select`` of broadcast constants) gives the
+    constant the sharding of the other operands under explicit mesh axes.
+    """
     on_true = jnp.asarray(on_true)
-    on_false = jnp.asarray(on_false, on_true.dtype)
-    return jax.lax.select(
-        jnp.broadcast_to(pred, shape), jnp.broadcast_to(on_true, shape), jnp.broadcast_to(on_false, shape)
-    )
+    return jnp.where(pred, on_true, jnp.asarray(on_false, on_true.dtype))
 
 
 def _reciprocal(count):
@@ -522,8 +522,11 @@ def normalize_over(x, reduction: Reduction, *, mask=None, scale=None, bias=None,
     so derivatives of every order follow. The moments' tangents are those of
     the mean and variance. The shift is a constant, as in the moments.
     """
-    if not (jnp.issubdtype(x.dtype, jnp.floating) or jnp.issubdtype(x.dtype, jnp.complexfloating)):
+    if not _inexact(x):
         x = x.astype(stats_dtype(x.dtype))
+    # integer or boolean parameters have no tangent space: make them floats
+    scale = scale if scale is None or _inexact(scale) else jnp.asarray(scale, stats_dtype(x.dtype))
+    bias = bias if bias is None or _inexact(bias) else jnp.asarray(bias, stats_dtype(x.dtype))
     y, stats = _normalized(reduction, out_dtype or x.dtype, bool(with_moments), x, mask, scale, bias, epsilon)
     if stats is not None and mask is None:
         # unmasked counts are known at trace time: keep them static
@@ -534,6 +537,11 @@ def normalize_over(x, reduction: Reduction, *, mask=None, scale=None, bias=None,
         if reduction.axis_name is None:
             stats = stats._replace(count=count)
     return y, stats
+
+
+def _inexact(value) -> bool:
+    dtype = jnp.result_type(value)
+    return jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.complexfloating)
 
 
 def _normalized_primal(reduction, out_dtype, x, mask, scale, bias, epsilon):
@@ -667,8 +675,10 @@ def running_update(old_mean, old_var, batch_mean, batch_var, count, momentum, *,
     shape = old_mean.shape
     batch_mean = jnp.reshape(batch_mean, shape) if batch_mean.size == old_mean.size else batch_mean
     batch_var = jnp.reshape(batch_var, shape) if batch_var.size == old_var.size else batch_var
-    if not isinstance(momentum, jax.Array):
+    if np.ndim(momentum) == 0 and not isinstance(momentum, jax.Array):
         momentum = float(momentum)  # folded at trace time
+    else:
+        momentum = jnp.asarray(momentum, old_mean.dtype)
     new_mean = momentum * old_mean + (1 - momentum) * batch_mean.astype(old_mean.dtype)
     new_var = momentum * old_var + (1 - momentum) * batch_var.astype(old_var.dtype)
     has_data = _has_data(count)

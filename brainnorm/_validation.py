@@ -97,31 +97,48 @@ def check_epsilon(owner: str, epsilon, *, allow_none: bool = False, option: str 
 
 
 def check_momentum(owner: str, momentum, *, allow_none: bool = True):
-    """A number in [0, 1] (None: cumulative average, where allowed).
+    """A number in [0, 1] (None: cumulative average, where allowed), or an array of such numbers.
 
-    A floating JAX array (for example a per-step momentum, or one computed
-    from a traced batch counter) is accepted as given: its values may be
-    unknown until run time.
+    An array momentum (one value per running statistic, for example per time
+    step, or a cumulative average's ``1 - 1 / (n + 1)`` computed from a traced
+    counter) is returned as a JAX array; its range is checked when its values
+    are known (not under a trace).
     """
     if momentum is None:
         if allow_none:
             return None
         raise TypeError(f"{owner}: momentum must be a number in [0, 1], got None.")
-    if isinstance(momentum, jax.Array) and jnp.issubdtype(momentum.dtype, jnp.floating):
-        if isinstance(momentum, jax.core.Tracer) or momentum.size != 1:
-            return momentum
+    expected = "a number in [0, 1]" + (" or None" if allow_none else "") + " (or an array of such numbers)"
     try:
-        if isinstance(momentum, (str, bytes, bool)) or np.asarray(momentum).dtype.kind not in "iuf":
+        if isinstance(momentum, (str, bytes, bool)):
             raise TypeError
-        as_float = float(momentum)
+        kind = jnp.result_type(momentum).kind
+        if kind not in "iuf":
+            raise TypeError
     except (TypeError, ValueError):
-        raise TypeError(
-            f"{owner}: momentum must be a number in [0, 1] or None, got "
-            f"{type(momentum).__name__} {momentum!r}."
-        ) from None
-    if not 0.0 <= as_float <= 1.0:
-        raise ValueError(f"{owner}: momentum must be in [0, 1] or None, got {momentum!r}.")
-    return as_float
+        raise TypeError(f"{owner}: momentum must be {expected}, got {type(momentum).__name__} {momentum!r}.") from None
+    if isinstance(momentum, jax.core.Tracer):
+        return momentum
+    values = np.asarray(momentum, np.float64)
+    if not np.all((values >= 0.0) & (values <= 1.0)):
+        raise ValueError(f"{owner}: momentum must be in [0, 1], got {momentum!r}.")
+    if values.ndim == 0 and not isinstance(momentum, jax.Array):
+        return float(values)
+    return jnp.asarray(momentum, jnp.result_type(float))
+
+
+def check_momentum_shape(owner: str, momentum, stat_shape) -> None:
+    """An array momentum must broadcast to the running statistics without changing their shape."""
+    shape = tuple(np.shape(momentum))
+    try:
+        fits = np.broadcast_shapes(shape, tuple(stat_shape)) == tuple(stat_shape)
+    except ValueError:
+        fits = False
+    if not fits:
+        raise ValueError(
+            f"{owner}: momentum must be a number or an array that broadcasts to the running statistics' "
+            f"shape {tuple(stat_shape)}, got shape {shape}."
+        )
 
 
 def check_groups(owner: str, channels: int, num_groups, group_size) -> tuple[int, int]:

@@ -28,6 +28,7 @@ from ._validation import (
     check_groups,
     check_mask,
     check_momentum,
+    check_momentum_shape,
     check_positive_int,
     check_running_statistics,
 )
@@ -102,7 +103,12 @@ def _in_statistics_unit(owner, x, unit, running_mean, running_var):
         mean = _units.in_unit(owner, "running_mean", running_mean, stats_unit)
         var = _units.in_unit(owner, "running_var", running_var, var_unit)
     else:
-        mean, var = _units.split(running_mean)[0], _units.split(running_var)[0]
+        # plain running statistics are read in the input's unit; a running
+        # variance that has a unit must fit it
+        mean = _units.split(running_mean)[0]
+        var = _units.split(running_var)[0]
+        if _units.split(running_var)[1] is not None:
+            var = _units.in_unit(owner, "running_var", running_var, var_unit)
     return x, stats_unit, jnp.asarray(mean), jnp.asarray(var)
 
 
@@ -442,13 +448,15 @@ def batch_norm(
     """
     owner = "batch_norm"
     check_epsilon(owner, epsilon)
-    check_momentum(owner, momentum, allow_none=False)
+    momentum = check_momentum(owner, momentum, allow_none=False)
     x_m, unit, mask = _prepare(owner, x, mask)
     feature = canonical_axes(owner, "feature_axes", feature_axes, x_m.ndim)
     axes = tuple(a for a in range(x_m.ndim) if a not in feature)
     kept = tuple(1 if a in axes else d for a, d in enumerate(x_m.shape))
     check_running_statistics(owner, running_mean, running_var, kept)
     x_m, stats_unit, mean, var = _in_statistics_unit(owner, x_m, unit, running_mean, running_var)
+    if mean is not None:
+        check_momentum_shape(owner, momentum, mean.shape)
     options = dict(scale=scale, bias=bias, epsilon=epsilon, dtype=dtype)
     if training or mean is None:
         reduction = Reduction(axes, use_fast_variance=bool(use_fast_variance), axis_name=axis_name,
@@ -663,13 +671,15 @@ def instance_norm(
     """
     owner = "instance_norm"
     check_epsilon(owner, epsilon)
-    check_momentum(owner, momentum, allow_none=False)
+    momentum = check_momentum(owner, momentum, allow_none=False)
     x_m, unit, mask = _prepare(owner, x, mask)
     batch, feature = _batch_and_channel_axes(owner, x_m.shape, batch_axes, feature_axis)
     axes = tuple(a for a in range(x_m.ndim) if a not in batch and a not in feature)
     kept = tuple(1 if a in axes or a in batch else d for a, d in enumerate(x_m.shape))
     check_running_statistics(owner, running_mean, running_var, kept)
     x_m, stats_unit, mean, var = _in_statistics_unit(owner, x_m, unit, running_mean, running_var)
+    if mean is not None:
+        check_momentum_shape(owner, momentum, mean.shape)
     options = dict(scale=scale, bias=bias, epsilon=epsilon, dtype=dtype)
     if mean is not None and not training:
         stats = _stats.given_moments(mean, var, stats_dtype(x_m.dtype))
