@@ -121,7 +121,7 @@ def check_momentum(owner: str, momentum, *, allow_none: bool = True):
         return momentum
     values = np.asarray(momentum, np.float64)
     if not np.all((values >= 0.0) & (values <= 1.0)):
-        raise ValueError(f"{owner}: momentum must be in [0, 1], got {momentum!r}.")
+        raise ValueError(f"{owner}: momentum must be in [0, 1] or None, got {momentum!r}.")
     if values.ndim == 0 and not isinstance(momentum, jax.Array):
         return float(values)
     return jnp.asarray(momentum, jnp.result_type(float))
