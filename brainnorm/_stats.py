@@ -82,7 +82,10 @@ class Moments(NamedTuple):
 
     ``shift`` is None when the statistics are not shifted (fast variance, RMS,
     or externally given mean/var); ``delta`` is None when there is no mean
-    (RMS normalization). ``count`` is the number of valid elements behind each
+    (RMS normalization). With a ``scale`` (a power of two per group, see
+    :func:`_magnitude_scale`), ``delta`` and ``var`` are those of
+    ``(x - shift) * scale``: the core's own form, which cannot overflow where
+    the squares of ``x`` would; :meth:`unscaled` gives them in ``x``'s unit. ``count`` is the number of valid elements behind each
     statistic (summed across devices with ``axis_name``): an array, or a NumPy
     scalar when it is one number known at trace time (unmasked data), which
     keeps the traced program free of tests that cannot fail; None for
@@ -93,14 +96,26 @@ class Moments(NamedTuple):
     delta: Optional[jax.Array]
     var: jax.Array
     count: Optional[jax.Array]
+    scale: Optional[jax.Array] = None
 
     @property
     def mean(self) -> jax.Array:
         if self.delta is None:
             return jnp.zeros_like(self.var)
+        delta = self.delta if self.scale is None else self.delta / self.scale
         if self.shift is None:
-            return self.delta
-        return self.shift + self.delta
+            return delta
+        return self.shift + delta
+
+    def unscaled(self) -> "Moments":
+        """The same statistics in the unit of ``x`` (``scale`` None); may overflow where ``x``'s squares do."""
+        if self.scale is None:
+            return self
+        # 1 / scale is a power of two at most 2^126; scale^2 may be subnormal (flushed to 0), and XLA
+        # rewrites (v / s) / s into v / (s * s), so the variance is multiplied twice by the reciprocal
+        inverse = 1 / self.scale
+        delta = None if self.delta is None else self.delta * inverse
+        return self._replace(delta=delta, var=self.var * inverse * inverse, scale=None)
 
 
 def stats_dtype(x_dtype, dtype=None):
@@ -133,6 +148,7 @@ class _Sums(NamedTuple):
     shift: Optional[jax.Array]
     s1: Optional[jax.Array]
     s2: jax.Array
+    scale: Optional[jax.Array] = None
 
 
 def _static(count) -> bool:
@@ -191,23 +207,61 @@ def _local_sums(x, axes, mask, use_mean, use_fast_variance) -> _Sums:
     def total(values):
         return _sum_kept(values, axes)
 
-    if not use_mean:
-        return _Sums(count, None, None, total(abs_sq(valid_x)))
     if use_fast_variance:
-        return _Sums(count, None, total(valid_x), total(abs_sq(valid_x)))
-    shift = jax.lax.stop_gradient(_shift(valid_x, weight, count, axes))
-    centered = valid_x - shift
-    if weight is not None:
+        s1 = total(valid_x) if use_mean else None
+        return _Sums(count, None, s1, total(abs_sq(valid_x)))
+    shift, scale = _shift_and_scale(valid_x, weight, count, axes, use_mean)
+    centered = valid_x if shift is None else valid_x - shift
+    centered = centered * scale
+    if weight is not None and shift is not None:
         centered = centered * weight
-    return _Sums(count, shift, total(centered), total(abs_sq(centered)))
+    s1 = total(centered) if use_mean else None
+    return _Sums(count, shift, s1, total(abs_sq(centered)), scale)
 
 
-def _shift(valid_x, weight, count, axes):
-    """A value close to each group's data (see the module docstring), reduced axes kept."""
+def _shift_and_scale(valid_x, weight, count, axes, use_mean):
+    """Each group's shift (None without a mean) and power-of-two scale, reduced axes kept.
+
+    Both are held constant under differentiation. See the module docstring.
+    """
     if weight is None and _element_shift_possible(valid_x, axes):
-        return _group_element(valid_x, axes)
-    mean = _sum_kept(valid_x, axes) * _reciprocal(count)
-    return _frozen(mean)
+        element, magnitude = _group_element(valid_x, axes)
+        shift = element if use_mean else None
+    else:
+        # A first pass: the mean (the shift) and the mean magnitude (the scale).
+        # Each term is divided by the group's size first, so the sums cannot
+        # overflow (|sum| <= max |x|), then rescaled to the valid count.
+        size = math.prod(valid_x.shape[a] for a in axes)
+        per_element = 1.0 / max(size, 1)
+        to_mean = size * _reciprocal(count)
+        magnitude = _sum_kept(jnp.abs(valid_x) * per_element, axes) * to_mean
+        shift = _frozen(_sum_kept(valid_x * per_element, axes) * to_mean) if use_mean else None
+    scale = _magnitude_scale(magnitude)
+    if shift is not None:
+        shift = jax.lax.stop_gradient(shift)
+    return shift, jax.lax.stop_gradient(scale)
+
+
+def _magnitude_scale(magnitude):
+    """``2^-e`` for ``magnitude`` in ``[2^(e-1), 2^e)``, at most 1 and at least the smallest normal float.
+
+    Multiplying by a power of two is exact, so the sums of ``(x - shift) *
+    scale`` carry the same digits as those of ``x - shift`` but stay far
+    from overflow when ``|x|`` is near float32's largest value (whose square
+    is not representable). The scale only ever shrinks values: small data
+    keep the scale 1 (their squares may be subnormal, but then ``epsilon``
+    dominates the variance anyway).
+    """
+    magnitude = jax.lax.stop_gradient(magnitude)
+    info = jnp.finfo(magnitude.dtype)
+    bias = info.maxexp - 1  # 127 for float32
+    bits = jnp.dtype(f"uint{8 * magnitude.dtype.itemsize}")
+    raw = jax.lax.bitcast_convert_type(magnitude, bits)
+    biased = (raw >> np.array(info.nmant, bits)).astype(jnp.int32) & (2 * bias + 1)
+    # magnitude in [2^(e-1), 2^e) with e = biased - bias + 1; 0 and subnormals give e <= -125
+    exponent = jnp.clip(biased - (bias - 1), 0, bias - 1)  # 2^-(bias-1) is the smallest normal number
+    return jax.lax.bitcast_convert_type((bias - exponent).astype(bits) << np.array(info.nmant, bits),
+                                        magnitude.dtype)
 
 
 def _element_shift_possible(x, axes) -> bool:
@@ -251,8 +305,16 @@ def _merge(sums: _Sums, axis: int) -> _Sums:
 
     n = sums.count
     count = n * sums.s2.shape[axis] if _static(n) else total(n)
+    s1, s2 = sums.s1, sums.s2
+    scale = sums.scale
+    if scale is not None:
+        # bring every member to the smallest scale (a power-of-two ratio: exact)
+        scale = jax.lax.stop_gradient(jnp.min(scale, axis=axis, keepdims=True))
+        ratio = jax.lax.stop_gradient(scale / sums.scale)
+        s1 = None if s1 is None else s1 * ratio
+        s2 = s2 * jnp.square(ratio)
     if sums.shift is None:
-        return _Sums(count, None, None if sums.s1 is None else total(sums.s1), total(sums.s2))
+        return _Sums(count, None, None if s1 is None else total(s1), total(s2), scale)
     # The common shift is the shift of the member with the most valid elements:
     # a stored value (no arithmetic XLA could round differently in different
     # fusions) that lies inside the data.
@@ -263,9 +325,11 @@ def _merge(sums: _Sums, axis: int) -> _Sums:
         shift = jnp.take_along_axis(sums.shift, largest, axis=axis)
     shift = jax.lax.stop_gradient(shift)
     offset = jax.lax.stop_gradient(sums.shift - shift)
-    s1 = total(sums.s1 + n * offset)
-    s2 = total(sums.s2 + 2 * jnp.real(jnp.conj(offset) * sums.s1) + n * abs_sq(offset))
-    return _Sums(count, shift, s1, s2)
+    if scale is not None:
+        offset = offset * scale
+    merged_s1 = total(s1 + n * offset)
+    merged_s2 = total(s2 + 2 * jnp.real(jnp.conj(offset) * s1) + n * abs_sq(offset))
+    return _Sums(count, shift, merged_s1, merged_s2, scale)
 
 
 def _finalize(sums: _Sums) -> Moments:
@@ -280,7 +344,7 @@ def _finalize(sums: _Sums) -> Moments:
         delta = sums.s1 / n
         # E[|x-k|^2] - |E[x-k]|^2 can round below zero.
         var = jnp.maximum(var - abs_sq(delta), 0)
-    return Moments(shift=sums.shift, delta=delta, var=var, count=sums.count)
+    return Moments(shift=sums.shift, delta=delta, var=var, count=sums.count, scale=sums.scale)
 
 
 def compute_moments(
@@ -293,16 +357,20 @@ def compute_moments(
     axis_name=None,
     axis_index_groups=None,
     dtype=None,
+    scaled: bool = False,
 ) -> Moments:
     """Moments of ``x`` over ``axes`` (non-negative, counted on ``x``).
 
     ``mask`` is a boolean array broadcastable to ``x`` (already validated).
+    With ``scaled`` the moments keep the core's power-of-two ``scale``
+    (:class:`Moments`); otherwise they are in the unit of ``x``.
     """
     x = x.astype(stats_dtype(x.dtype, dtype))
     sums = _local_sums(x, tuple(sorted(axes)), mask, use_mean, use_fast_variance)
     if axis_name is not None:
         sums = _combine_across_devices(sums, axis_name, axis_index_groups)
-    return _finalize(sums)
+    moments = _finalize(sums)
+    return moments if scaled else moments.unscaled()
 
 
 def compute_group_moments(
@@ -316,6 +384,7 @@ def compute_group_moments(
     axis_name=None,
     axis_index_groups=None,
     dtype=None,
+    scaled: bool = False,
 ) -> Moments:
     """Moments of channel groups, returned per channel (each channel carries its group's).
 
@@ -349,18 +418,21 @@ def compute_group_moments(
         full = value.shape[:feature_axis + 1] + (channels // num_groups,) + value.shape[feature_axis + 2:]
         return jnp.reshape(jnp.broadcast_to(value, full), value.shape[:feature_axis] + (channels,) + value.shape[feature_axis + 2:])
 
-    return Moments(*(per_channel(v) for v in moments))
+    moments = Moments(*(per_channel(v) for v in moments))
+    return moments if scaled else moments.unscaled()
 
 
 def _group_element(x, axes):
-    """One of each group's own values, reduced axes kept with size 1.
+    """One of each group's own values and a magnitude of the group, reduced axes kept with size 1.
 
-    The larger of the group's first two elements along one reduced axis: a
-    value of the group (no arithmetic, so every fusion sees the same number,
-    and ``(shift - mean)^2 <= n var`` bounds the cancellation), computed by a
-    reduction so that XLA stores it in a buffer of its own. A plain slice
-    would be re-read inside every consumer fusion, which XLA's CPU backend
-    runs several times slower than broadcasting a stored value.
+    The element is the larger of the group's first two elements along one
+    reduced axis: a value of the group (no arithmetic, so every fusion sees
+    the same number, and ``(shift - mean)^2 <= n var`` bounds the
+    cancellation), computed by a reduction so that XLA stores it in a buffer
+    of its own. A plain slice would be re-read inside every consumer fusion,
+    which XLA's CPU backend runs several times slower than broadcasting a
+    stored value. The magnitude is the larger absolute value of the same two
+    elements.
     """
     pairs = [a for a in axes if x.shape[a] >= 2]
     along = pairs[-1] if pairs else None
@@ -369,11 +441,12 @@ def _group_element(x, axes):
     )
     first = x[index]
     if along is None:
-        return first  # groups of one element
+        return first, jnp.abs(first)  # groups of one element
+    magnitude = jnp.reshape(jnp.max(jnp.abs(first), axis=along), _kept_shape(first.shape, (along,)))
     if jnp.iscomplexobj(first):
         # complex numbers have no order: the first element
-        return jax.lax.slice_in_dim(first, 0, 1, axis=along)
-    return jnp.reshape(jnp.max(first, axis=along), _kept_shape(first.shape, (along,)))
+        return jax.lax.slice_in_dim(first, 0, 1, axis=along), magnitude
+    return jnp.reshape(jnp.max(first, axis=along), _kept_shape(first.shape, (along,))), magnitude
 
 
 def _sum_kept(values, axes):
@@ -413,12 +486,13 @@ def _gather(value, name, axis_index_groups):
 def _combine_across_devices(sums: _Sums, axis_name, axis_index_groups) -> _Sums:
     """Exact global sums over the named axis with a single collective.
 
-    Unshifted sums are added with one ``psum``; shifted ones are gathered with
-    one ``all_gather`` and merged like groups (:func:`_merge`).
+    Unscaled sums (the fast variance) are added with one ``psum``; the others
+    are gathered with one ``all_gather`` and merged like groups
+    (:func:`_merge`), which brings them to a common shift and scale.
     """
-    count, shift, s1, s2 = sums
-    count = jnp.broadcast_to(jnp.asarray(count), s2.shape)  # summed across devices: traced from here
-    if shift is None:
+    count = jnp.broadcast_to(jnp.asarray(sums.count), sums.s2.shape)  # summed across devices: traced from here
+    s1, s2 = sums.s1, sums.s2
+    if sums.scale is None:
         parts = [count.astype(s2.dtype)] + ([s1] if s1 is not None else []) + [s2]
         if any(jnp.iscomplexobj(p) for p in parts):
             parts = [p.astype(jnp.result_type(*parts)) for p in parts]
@@ -427,35 +501,51 @@ def _combine_across_devices(sums: _Sums, axis_name, axis_index_groups) -> _Sums:
         s2 = stacked[-1].real.astype(s2.dtype) if not jnp.iscomplexobj(s2) else stacked[-1]
         if s1 is not None:
             s1 = stacked[1].astype(s1.dtype)
-        return _Sums(count, shift, s1, s2)
+        return _Sums(count, None, s1, s2)
 
-    common = jnp.result_type(s1, shift)
-    parts = jnp.stack([count.astype(common), shift.astype(common), s1.astype(common), s2.astype(common)])
+    fields = [("count", count), ("shift", sums.shift), ("s1", s1), ("s2", s2), ("scale", sums.scale)]
+    fields = [(name, value) for name, value in fields if value is not None]
+    common = jnp.result_type(*(value for _, value in fields))
+    parts = jnp.stack([value.astype(common) for _, value in fields])
     gathered = parts
     for name in _as_tuple_name(axis_name):
         gathered = _gather(gathered, name, axis_index_groups)
         gathered = gathered.reshape((-1,) + parts.shape)
-    merged = _merge(
-        _Sums(gathered[:, 0].real, gathered[:, 1], gathered[:, 2], gathered[:, 3].real), axis=0
-    )
-    return _Sums(
-        merged.count[0].astype(count.dtype), merged.shift[0].astype(shift.dtype),
-        merged.s1[0].astype(s1.dtype), merged.s2[0].astype(s2.dtype),
-    )
+    real = {"count", "s2", "scale"}
+    members = {name: gathered[:, i].real if name in real else gathered[:, i] for i, (name, _) in enumerate(fields)}
+    merged = _merge(_Sums(**{"shift": None, "s1": None, **members}), axis=0)
+    dtypes = dict(fields)
+    return _Sums(**{name: None if getattr(merged, name) is None
+                    else getattr(merged, name)[0].astype(dtypes[name].dtype) for name in _Sums._fields})
 
 
 def inverse_std(moments: Moments, epsilon):
-    """``rsqrt(var + eps)``, and 0 for groups with no valid element."""
-    inv = jax.lax.rsqrt(moments.var + epsilon)
+    """``rsqrt(var + eps)`` of the (scaled) moments, and 0 for groups with no valid element.
+
+    With a scale the variance is that of the scaled values, so epsilon is
+    scaled alike; where that product underflows (huge data, whose variance
+    dwarfs epsilon) the sum is kept above the smallest normal number, so a
+    constant group still gives 0 rather than 0 * inf.
+    """
+    if moments.scale is None:
+        inv = jax.lax.rsqrt(moments.var + epsilon)
+    else:
+        tiny = jnp.finfo(moments.var.dtype).tiny
+        inv = jax.lax.rsqrt(jnp.maximum(moments.var + epsilon * jnp.square(moments.scale), tiny))
     has_data = None if moments.count is None else _has_data(moments.count)
     return inv if has_data is None else _select(has_data, inv, 0)
 
 
 def apply_moments(x, moments: Moments, *, epsilon, scale=None, bias=None, out_dtype=None):
-    """``((x - shift) - delta) * rsqrt(var + eps) * scale + bias`` in the stats dtype."""
+    """``((x - shift) * s - delta) * rsqrt(var + eps * s^2) * scale + bias`` in the stats dtype.
+
+    ``s`` is the moments' power-of-two scale (1 when they have none).
+    """
     y = x.astype(apply_dtype(x, moments))
     if moments.shift is not None:
         y = y - moments.shift
+    if moments.scale is not None:
+        y = y * moments.scale
     if moments.delta is not None:
         y = y - moments.delta
     factor = inverse_std(moments, epsilon)
@@ -489,8 +579,8 @@ class Reduction(NamedTuple):
         options = dict(mask=mask, use_fast_variance=self.use_fast_variance, axis_name=self.axis_name,
                        axis_index_groups=self.axis_index_groups)
         if self.groups is None:
-            return compute_moments(x, self.axes, use_mean=self.use_mean, **options)
-        return compute_group_moments(x, *self.groups, self.axes, **options)
+            return compute_moments(x, self.axes, use_mean=self.use_mean, scaled=True, **options)
+        return compute_group_moments(x, *self.groups, self.axes, scaled=True, **options)
 
     def total(self, values):
         """Sums of ``values`` (full size, 0 at padding) over each group, shaped like the moments."""
@@ -551,7 +641,8 @@ def _normalized_primal(reduction, out_dtype, x, mask, scale, bias, epsilon):
 
 
 def _as_output(stats: Moments) -> Moments:
-    """The moments as outputs of a JAX function: the count as an array of the statistics' shape."""
+    """The moments as outputs of a JAX function: in ``x``'s unit, the count as an array of the statistics' shape."""
+    stats = stats.unscaled()
     count = jnp.broadcast_to(jnp.asarray(stats.count), stats.var.shape).astype(stats.var.dtype)
     return stats._replace(count=count)
 
@@ -568,9 +659,13 @@ def _normalized_jvp(reduction, out_dtype, with_moments, primals, tangents):
     dx, _, d_scale, d_bias, _ = tangents
     stats = reduction.moments(x, mask)
     sdtype = apply_dtype(x, stats)
+    # Everything below works on the scaled values (x - shift) * s of the
+    # moments; their tangent is dx * s.
     shifted = x.astype(sdtype)
     if stats.shift is not None:
         shifted = shifted - stats.shift
+    if stats.scale is not None:
+        shifted = shifted * stats.scale
     centered = shifted if stats.delta is None else shifted - stats.delta
     inv = inverse_std(stats, epsilon)
     # the primal output, with the same operations as apply_moments
@@ -581,43 +676,65 @@ def _normalized_jvp(reduction, out_dtype, with_moments, primals, tangents):
     y = y.astype(out_dtype)
     n = float(np.maximum(stats.count, 1)) if _static(stats.count) else jnp.maximum(stats.count, 1)
 
-    def mean(values):
-        if mask is not None:
-            values = _select(mask, values, 0)
-        return reduction.total(values) / n
+    if mask is None:
+        def mean_times(coefficient, values):
+            return reduction.total(coefficient * values) / n
+
+        def finite(values):
+            return values
+    else:
+        # Padding may hold anything (nan, inf): the reductions select the
+        # coefficient, never the product, so their transposes multiply the
+        # cotangent by 0 rather than 0 by nan; and a non-finite padded value
+        # is dropped from the output's dependence on the statistics (its
+        # output is not finite anyway), so a zero cotangent there cannot
+        # turn into 0 * nan in the statistics' cotangents.
+        def mean_times(coefficient, values):
+            return reduction.total(_select(mask, coefficient, 0) * values) / n
+
+        def finite(values):
+            return jnp.where(mask | jnp.isfinite(values), values, jnp.zeros((), values.dtype))
 
     dxs = jnp.asarray(dx).astype(sdtype)
-    d_mean = None if stats.delta is None else mean(dxs)
+    if stats.scale is not None:
+        dxs = dxs * stats.scale
+    d_mean = None if stats.delta is None else mean_times(jnp.ones((), dxs.dtype), dxs)
     if jnp.shape(factor) == jnp.shape(inv):
         # One factor per group (BatchNorm, InstanceNorm): everything full-size
         # is written with x - shift, which the moments' sums formed already;
         # with the centred values in the reductions too, XLA writes out a
         # second full-size array.
-        d_sq = mean(jnp.real(jnp.conj(shifted) * dxs))  # half the variance's tangent, before centring
+        d_sq = jnp.real(mean_times(jnp.conj(shifted), dxs))  # half the variance's tangent, before centring
         if d_mean is not None:
             d_sq = d_sq - jnp.real(jnp.conj(stats.delta) * d_mean)
         slope = -(inv * inv * d_sq) * factor
         if scale is not None:
             slope = slope + inv * d_scale
-        d_y = dxs * factor + shifted * slope
+        d_y = dxs * factor + finite(shifted) * slope
         if d_mean is not None:
             d_y = d_y - (stats.delta * slope + d_mean * factor)
     else:
         # A factor per element (LayerNorm's scale along the normalized axes).
-        d_sq = mean(jnp.real(jnp.conj(centered) * dxs))
+        d_sq = jnp.real(mean_times(jnp.conj(centered), dxs))
         if d_mean is not None:
             dxs = dxs - d_mean
-        d_y = (dxs - centered * (inv * inv * d_sq)) * factor
+        safe = finite(centered)
+        d_y = (dxs - safe * (inv * inv * d_sq)) * factor
         if scale is not None:
-            d_y = d_y + centered * inv * d_scale
+            d_y = d_y + safe * inv * d_scale
     if bias is not None:
         d_y = d_y + d_bias
     if not with_moments:
         return (y, None), (d_y.astype(y.dtype), None)
+    d_var = 2 * d_sq
+    if stats.scale is not None:
+        inverse = 1 / stats.scale  # as in Moments.unscaled
+        d_var = d_var * inverse * inverse
+        d_mean = None if d_mean is None else d_mean * inverse
     d_stats = Moments(
         shift=None if stats.shift is None else jnp.zeros_like(stats.shift),
         delta=None if stats.delta is None else d_mean.astype(stats.delta.dtype),
-        var=(2 * d_sq).astype(stats.var.dtype),
+        var=d_var.astype(stats.var.dtype),
         count=None,
     )
     stats = _as_output(stats)
@@ -701,14 +818,18 @@ def instance_running_statistics(moments: Moments, batch_axes, *, unbiased_var=Fa
     var = unbiased(moments.var, count) if unbiased_var else moments.var
     has_data = (count > 0).astype(var.dtype)
     mean = jnp.broadcast_to(moments.mean, var.shape)
+    instances = jnp.sum(has_data, axis=batch_axes, keepdims=True)
+    if axis_name is None:
+        # weights that sum to 1: no sum of variances near float32's largest value can overflow
+        weight = has_data / jnp.maximum(instances, 1)
+        return (jnp.sum(weight * mean, axis=batch_axes, keepdims=True),
+                jnp.sum(weight * var, axis=batch_axes, keepdims=True), instances)
     sums = jnp.stack([
-        jnp.sum(has_data, axis=batch_axes, keepdims=True),
+        instances,
         jnp.sum(has_data * mean, axis=batch_axes, keepdims=True),
         jnp.sum(has_data * var, axis=batch_axes, keepdims=True),
     ])
-    if axis_name is not None:
-        sums = jax.lax.psum(sums, axis_name, axis_index_groups=axis_index_groups)
-    instances, mean_sum, var_sum = sums
+    instances, mean_sum, var_sum = jax.lax.psum(sums, axis_name, axis_index_groups=axis_index_groups)
     safe = jnp.maximum(instances, 1)
     return mean_sum / safe, var_sum / safe, instances
 
@@ -731,9 +852,8 @@ def local_response(x, size, alpha, beta, k, feature_axis, *, mask=None):
     """
     sdtype = stats_dtype(x.dtype)
     xs = x.astype(sdtype)
-    squares = jnp.square(xs)
-    if mask is not None:
-        squares = jnp.where(mask, squares, jnp.zeros((), sdtype))
+    # select before squaring, so that padding (even nan) has a zero derivative
+    squares = jnp.square(xs if mask is None else jnp.where(mask, xs, jnp.zeros((), sdtype)))
     window = [1] * x.ndim
     window[feature_axis] = size
     padding = [(0, 0)] * x.ndim
@@ -741,7 +861,14 @@ def local_response(x, size, alpha, beta, k, feature_axis, *, mask=None):
     # A concrete (NumPy) init value keeps reduce_window on its differentiable
     # sum path; a traced one would fall back to the generic op, which has no VJP.
     window_sum = jax.lax.reduce_window(squares, np.zeros((), sdtype), jax.lax.add, window, (1,) * x.ndim, padding)
-    return xs * jnp.power(k + (alpha / size) * window_sum, -beta)
+    factor = jnp.power(k + (alpha / size) * window_sum, -beta)
+    if mask is None:
+        return xs * factor
+    # A non-finite padded value still gives its output (x * factor), but its
+    # output does not depend on the window sums in the derivative, so a zero
+    # cotangent there cannot become 0 * nan in its neighbours' gradients.
+    finite = jnp.where(mask | jnp.isfinite(xs), xs, jnp.zeros((), sdtype))
+    return finite * factor + (xs - finite) * jax.lax.stop_gradient(factor)
 
 
 def l2_norm(v, axes, floor=0.0):

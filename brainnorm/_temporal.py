@@ -23,7 +23,6 @@ All three layers share the BatchNorm machinery of
 
 from __future__ import annotations
 
-import numbers
 
 import brainstate
 import jax
@@ -33,7 +32,7 @@ import numpy as np
 from . import _units
 from ._base import _affine_values, _Normalization, _RunningStatistics
 from ._states import NormalizationParamState
-from ._validation import check_choice, check_positive_int
+from ._validation import check_choice, check_positive_int, check_real, check_time_index
 
 __all__ = ["BatchNormThroughTime", "ThresholdDependentBatchNorm", "TemporalEffectiveBatchNorm"]
 
@@ -71,6 +70,8 @@ class _TemporalBatchNorm(_RunningStatistics, _Normalization):
     ):
         super().__init__(in_size, name=name)
         owner = self._owner
+        if num_steps is None and self._per_step_statistics:
+            raise TypeError(f"{owner}: num_steps must be a positive int (one set of statistics per step), got None.")
         self.num_steps = None if num_steps is None else check_positive_int(owner, "num_steps", num_steps)
         self.step_mode = check_choice(owner, "step_mode", step_mode, ("single", "multi"))
         self._setup_statistics(
@@ -103,11 +104,9 @@ class _TemporalBatchNorm(_RunningStatistics, _Normalization):
                 f"wrap the step in brainstate.environ.context(i=step_index) (the loops of brainstate "
                 f"do not set 'i' themselves)."
             )
-        if isinstance(t, (numbers.Integral, np.integer)) or (hasattr(t, "shape") and not isinstance(t, jax.core.Tracer)):
-            t_value = int(np.asarray(t))
-            if t_value < 0:
-                raise ValueError(f"{self._owner}: time index t must be >= 0, got {t_value}.")
-            return min(t_value, self.num_steps - 1)
+        t = check_time_index(self._owner, t)
+        if isinstance(t, int):
+            return min(t, self.num_steps - 1)
         return jnp.clip(jnp.asarray(t, jnp.int32), 0, self.num_steps - 1)
 
     def _mode_and_unit(self, x_m, unit, use_running_average):
@@ -339,11 +338,15 @@ class ThresholdDependentBatchNorm(_TemporalBatchNorm):
             use_fast_variance=use_fast_variance, step_mode=step_mode, dtype=dtype, param_dtype=param_dtype,
             param_type=param_type, mean_type=mean_type, unit=unit, name=name,
         )
-        self.alpha = float(alpha)
-        self.v_th = float(v_th)
+        self.alpha = check_real(self._owner, "alpha", alpha)
+        self.v_th = check_real(self._owner, "v_th", v_th)
 
-    def _shared_statistics(self, x, mask, use_running_average):
-        """tdBN normalization ``alpha * v_th * gamma * x_hat + beta`` over every non-feature axis."""
+    def _shared_statistics(self, x, mask, use_running_average, step_weight=None):
+        """tdBN normalization ``w * (alpha * v_th * gamma * x_hat + beta)`` over every non-feature axis.
+
+        ``step_weight(x_m)`` gives an output weight ``w`` (TEBN's ``p_t``, broadcastable to ``x``), folded
+        into the scale and bias so that the core forms the product (and keeps padding out of its gradient).
+        """
         x_m, unit, mask, _ = self._check_input(x, mask)
         training, stats_unit = self._mode_and_unit(x_m, unit, use_running_average)
         feature = self._x_axes(self.feature_axes, x_m.ndim)
@@ -351,6 +354,10 @@ class ThresholdDependentBatchNorm(_TemporalBatchNorm):
         scale, bias = _affine_values(self.weight)
         factor = self.alpha * self.v_th
         scale = factor if scale is None else scale * factor
+        if step_weight is not None:
+            weight = step_weight(x_m)
+            scale = scale * weight
+            bias = None if bias is None else _units.attach(_units.split(bias)[0] * weight, _units.split(bias)[1])
         running = (self.running_mean.value, self.running_var.value) if self.track_running_stats else None
         y, new_mean, new_var = self._normalize(x_m, unit, mask, axes, training, scale, bias, running)
         if running is not None and training:
@@ -438,15 +445,15 @@ class TemporalEffectiveBatchNorm(ThresholdDependentBatchNorm):
         Array
         """
         step = self._step_index(t) if self.step_mode == "single" else None
-        y, x_m = self._shared_statistics(x, mask, use_running_average)
-        y_m, y_unit = _units.split(y)
-        if step is not None:
-            weight = self.p.value[step]
-        else:
+
+        def step_weight(x_m):
+            if step is not None:
+                return self.p.value[step]
             steps = x_m.shape[0]
             index = np.minimum(np.arange(steps), self.num_steps - 1)
-            weight = self.p.value[index].reshape((steps,) + (1,) * (x_m.ndim - 1))
-        return _units.attach((y_m * weight).astype(y_m.dtype), y_unit)
+            return self.p.value[index].reshape((steps,) + (1,) * (x_m.ndim - 1))
+
+        return self._shared_statistics(x, mask, use_running_average, step_weight)[0]
 
 
 def _time_slice(mask, ndim, start, stop):

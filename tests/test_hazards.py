@@ -15,8 +15,8 @@ For every layer and hazard, one training step under ``jit``:
 * the running statistics (BatchNorm, InstanceNorm with tracking, BNTT,
   tdBN, TEBN) and SpectralNorm's power-iteration vectors are finite.
 
-Hazards: constant input (zero variance), tiny (1e-30) and huge (1e17)
-magnitudes, offsets 1e4 + N(0, 1) and 1e6 + N(0, 1), a fully masked group
+Hazards: constant input (zero variance), tiny (1e-30) and huge (1e17, and
+1e19 whose squares overflow float32) magnitudes, offsets 1e4 + N(0, 1) and 1e6 + N(0, 1), a fully masked group
 (a sample and a channel without valid entries), a fully masked batch (mask
 all False), bfloat16 and float16 inputs (with a fully masked group); and for
 the weight wrappers an all-zero weight. Masks do not apply to the wrappers.
@@ -109,6 +109,8 @@ HAZARDS = {
     "constant": (lambda rng, s: np.full(s, 3.0), False, np.float32, (1e-5, 1e-5)),
     "tiny_1e-30": (lambda rng, s: 1e-30 * rng.standard_normal(s), False, np.float32, (1e-5, 1e-5)),
     "huge_1e17": (lambda rng, s: 1e17 * rng.standard_normal(s), False, np.float32, (1e-4, 1e-4)),
+    # sums of squares overflow float32; the variances (at most 1e38 / 3) stay representable
+    "huge_1e19": (lambda rng, s: 1e19 * rng.uniform(-1, 1, s), False, np.float32, (1e-4, 1e-4)),
     "offset_1e4": (lambda rng, s: 1e4 + rng.standard_normal(s), False, np.float32, (1e-4, 1e-5)),
     "offset_1e6": (lambda rng, s: 1e6 + rng.standard_normal(s), False, np.float32, (1e-3, 1e-5)),
     "masked_group": (lambda rng, s: 1.0 + rng.standard_normal(s), True, np.float32, (1e-4, 1e-5)),
@@ -186,6 +188,26 @@ class Harness:
         grads, y = self.compiled[key](x, mask)
         if not self.layer.states(brainstate.ParamState):
             return y, {}, grads  # without parameters, grad returns the input gradient alone
+        g_params, g_x = grads
+        return y, g_params, g_x
+
+    def valid_step(self, x, mask):
+        """A training step whose loss reads the valid outputs only: ``(y, parameter grads, input grad)``."""
+        if "valid" not in self.compiled:
+            layer = self.layer
+            params = layer.states(brainstate.ParamState)
+            weights = jnp.asarray(self.weights)
+
+            def loss(v, m):
+                with brainstate.environ.context(fit=True):
+                    y = layer(v, m)
+                return jnp.sum(jnp.where(m, jnp.asarray(y, jnp.float32), 0) * weights), y
+
+            grad = brainstate.transform.grad(loss, grad_states=params, argnums=0, has_aux=True)
+            self.compiled["valid"] = brainstate.transform.jit(grad)
+        grads, y = self.compiled["valid"](x, mask)
+        if not self.layer.states(brainstate.ParamState):
+            return y, {}, grads
         g_params, g_x = grads
         return y, g_params, g_x
 
@@ -301,6 +323,41 @@ def test_nan_and_inf_padding_stay_out_of_statistics(layer_name):
         assert finite_leaves(state.value), f"{layer_name}: state {path} became non-finite"
 
 
+PADDING = {"nan": np.nan, "inf": np.inf, "-inf": -np.inf, "1e30": 1e30}
+
+
+@pytest.mark.parametrize("pad", PADDING)
+@pytest.mark.parametrize("layer_name", [n for n in LAYERS if n not in WRAPPERS])
+def test_padding_never_reaches_valid_values_or_gradients(layer_name, pad):
+    """Whatever the padding holds, a loss over the valid outputs has the values and gradients of zero padding.
+
+    The gradient at padded positions is 0 (they enter no statistic and their outputs are not in the loss),
+    and the parameter gradients are those of the zero-padded input; the running statistics too.
+    """
+    h = harness(layer_name)
+    rng = np.random.default_rng(6)
+    x = (1.0 + rng.standard_normal(h.shape)).astype(np.float32)
+    mask = hazard_mask(h.shape, True, rng)
+    mask[0] = rng.random(mask.shape[1:]) < 0.7  # keep some valid entries in every sample
+    runs = []
+    for fill in (0.0, PADDING[pad]):
+        h.reset()
+        y, g_params, g_x = h.valid_step(jnp.asarray(np.where(mask, x, fill).astype(np.float32)), mask)
+        states = {path: state.value for path, state in h.layer.states().items()}
+        runs.append((np.asarray(y), g_params, np.asarray(g_x), states))
+    (y0, p0, g0, s0), (y1, p1, g1, s1) = runs
+    valid = np.broadcast_to(mask, y0.shape)
+    np.testing.assert_allclose(y1[valid], y0[valid], rtol=1e-6, atol=1e-6)
+    assert np.all(np.isfinite(g1)), f"{layer_name}/{pad}: non-finite input gradient"
+    np.testing.assert_allclose(g1, g0, rtol=1e-5, atol=1e-6, err_msg=f"{layer_name}/{pad}: input gradient")
+    assert np.all(g1[~np.broadcast_to(mask, g1.shape)] == 0), "padded positions have a non-zero gradient"
+    for what, first, second in (("gradient of", p0, p1), ("state", s0, s1)):
+        for path in first:
+            for a, b in zip(jax.tree_util.tree_leaves(first[path]), jax.tree_util.tree_leaves(second[path])):
+                np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-6,
+                                           err_msg=f"{layer_name}/{pad}: {what} {path}")
+
+
 STATEFUL = ["BatchNorm0d", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "InstanceNorm-tracked",
             "BatchNormThroughTime", "ThresholdDependentBatchNorm", "TemporalEffectiveBatchNorm"]
 
@@ -329,6 +386,6 @@ def test_hazard_matrix_size():
     layers = {layer for layer, _ in MATRIX}
     hazards = {hazard for _, hazard in MATRIX}
     assert layers == set(LAYERS) and hazards == set(HAZARDS)
-    # 13 normalization layers x 9 hazards + 2 wrappers x 6 (5 unmasked + zero weight)
-    assert len(MATRIX) == 13 * 9 + 2 * 6 == 129
+    # 13 normalization layers x 10 hazards + 2 wrappers x 7 (6 unmasked + zero weight)
+    assert len(MATRIX) == 13 * 10 + 2 * 7 == 144
     print(f"hazard matrix: {len(layers)} layers x {len(hazards)} hazards, {len(MATRIX)} combinations")
