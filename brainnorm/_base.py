@@ -14,7 +14,12 @@ from . import functional as F
 from ._validation import (
     canonical_axes,
     canonical_in_size,
+    check_axis_name,
+    check_dtype,
     check_epsilon,
+    check_flag,
+    check_initializer,
+    check_input,
     check_mask,
     check_momentum,
     check_trailing_shape,
@@ -81,10 +86,19 @@ class _Normalization(brainstate.nn.Module):
         offset = ndim - len(self.in_size)
         return tuple(offset + a for a in axes)
 
+    def _set_common_options(self, *, axis_name=None, axis_index_groups=None, use_fast_variance=False, dtype=None,
+                            param_dtype=None):
+        """Validate and store the options every statistics layer shares."""
+        owner = self._owner
+        self.axis_name, self.axis_index_groups = check_axis_name(owner, axis_name, axis_index_groups)
+        self.use_fast_variance = check_flag(owner, "use_fast_variance", use_fast_variance)
+        self.dtype = check_dtype(owner, "dtype", dtype)
+        self.param_dtype = check_dtype(owner, "param_dtype", param_dtype, parameter=True)
+
     def _prepare_input(self, x, mask):
         """``(mantissa, unit, mask, number of batch axes)`` after validation."""
         x_m, unit = _units.split(x)
-        x_m = jnp.asarray(x_m)
+        x_m = check_input(self._owner, x_m)
         n_batch = check_trailing_shape(self._owner, x_m.shape, self.in_size)
         mask = check_mask(self._owner, mask, x_m.shape)
         return x_m, unit, mask, n_batch
@@ -94,6 +108,10 @@ class _Normalization(brainstate.nn.Module):
         _check_state_type(self._owner, "param_type", param_type, trainable=True)
         dtype = brainstate.environ.dftype() if param_dtype is None else param_dtype
         values = {}
+        if use_scale:
+            check_initializer(self._owner, "scale_init", scale_init)
+        if use_bias:
+            check_initializer(self._owner, "bias_init", bias_init)
         if use_scale:
             values["scale"] = _resolve_init(self._owner, "scale_init", scale_init, feature_shape, dtype)
         if use_bias:
@@ -125,6 +143,7 @@ class _RunningStatistics:
 
     def _is_training(self, use_running_average):
         """Call argument, then constructor, then ``environ['fit']``, then training."""
+        use_running_average = check_flag(self._owner, "use_running_average", use_running_average, allow_none=True)
         if use_running_average is None:
             use_running_average = self.use_running_average
         if use_running_average is None:
@@ -146,16 +165,13 @@ class _RunningStatistics:
         self.feature_axes = self._sample_axes("feature_axis", feature_axis)
         self.epsilon = check_epsilon(owner, epsilon)
         self.momentum = check_momentum(owner, momentum)
-        self.use_scale = bool(use_scale)
-        self.use_bias = bool(use_bias)
-        self.track_running_stats = bool(track_running_stats)
-        self.unbiased_running_var = bool(unbiased_running_var)
-        self.use_running_average = use_running_average
-        self.axis_name = axis_name
-        self.axis_index_groups = axis_index_groups
-        self.use_fast_variance = bool(use_fast_variance)
-        self.dtype = dtype
-        self.param_dtype = param_dtype
+        self.use_scale = check_flag(owner, "use_scale", use_scale)
+        self.use_bias = check_flag(owner, "use_bias", use_bias)
+        self.track_running_stats = check_flag(owner, "track_running_stats", track_running_stats)
+        self.unbiased_running_var = check_flag(owner, "unbiased_running_var", unbiased_running_var)
+        self.use_running_average = check_flag(owner, "use_running_average", use_running_average, allow_none=True)
+        self._set_common_options(axis_name=axis_name, axis_index_groups=axis_index_groups,
+                                 use_fast_variance=use_fast_variance, dtype=dtype, param_dtype=param_dtype)
         self.scale_init = scale_init
         self.bias_init = bias_init
         stat_shape = tuple(leading_shape) + self._feature_shape(self.feature_axes)

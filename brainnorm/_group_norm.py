@@ -8,7 +8,7 @@ from . import _units
 from . import functional as F
 from ._base import _affine_values, _Normalization, _pick, _RunningStatistics
 from ._states import NormalizationParamState
-from ._validation import check_epsilon, check_groups
+from ._validation import check_epsilon, check_flag, check_groups
 
 __all__ = ["GroupNorm", "InstanceNorm"]
 
@@ -115,13 +115,10 @@ class GroupNorm(_Normalization):
             owner, self.in_size[self.feature_axis], num_groups, group_size
         )
         self.epsilon = check_epsilon(owner, epsilon)
-        self.axis_name = axis_name
-        self.axis_index_groups = axis_index_groups
-        self.use_fast_variance = bool(use_fast_variance)
-        self.dtype = dtype
-        self.param_dtype = param_dtype
-        self.use_bias = bool(use_bias)
-        self.use_scale = bool(use_scale)
+        self._set_common_options(axis_name=axis_name, axis_index_groups=axis_index_groups,
+                                 use_fast_variance=use_fast_variance, dtype=dtype, param_dtype=param_dtype)
+        self.use_bias = check_flag(owner, "use_bias", use_bias)
+        self.use_scale = check_flag(owner, "use_scale", use_scale)
         self.bias_init = bias_init
         self.scale_init = scale_init
         self.weight = self._affine_state(

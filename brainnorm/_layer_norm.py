@@ -8,7 +8,7 @@ from . import _units
 from . import functional as F
 from ._base import _affine_values, _Normalization
 from ._states import NormalizationParamState
-from ._validation import check_epsilon
+from ._validation import check_epsilon, check_flag
 
 __all__ = ["LayerNorm", "RMSNorm"]
 
@@ -23,11 +23,8 @@ class _AxisNorm(_Normalization):
         self.reduction_axes = self._sample_axes("reduction_axes", reduction_axes)
         self.feature_axes = self._sample_axes("feature_axes", feature_axes)
         self.epsilon = check_epsilon(self._owner, epsilon, allow_none=True)
-        self.axis_name = axis_name
-        self.axis_index_groups = axis_index_groups
-        self.use_fast_variance = bool(use_fast_variance)
-        self.dtype = dtype
-        self.param_dtype = param_dtype
+        self._set_common_options(axis_name=axis_name, axis_index_groups=axis_index_groups,
+                                 use_fast_variance=use_fast_variance, dtype=dtype, param_dtype=param_dtype)
         return self._feature_shape(self.feature_axes)
 
     def _params(self):
@@ -140,8 +137,8 @@ class LayerNorm(_AxisNorm):
         super().__init__(in_size, name=name)
         feature_shape = self._setup_axes(reduction_axes, feature_axes, epsilon, axis_name, axis_index_groups,
                                          use_fast_variance, dtype, param_dtype)
-        self.use_bias = bool(use_bias)
-        self.use_scale = bool(use_scale)
+        self.use_bias = check_flag(self._owner, "use_bias", use_bias)
+        self.use_scale = check_flag(self._owner, "use_scale", use_scale)
         self.bias_init = bias_init
         self.scale_init = scale_init
         self.weight = self._affine_state(
@@ -216,7 +213,7 @@ class RMSNorm(_AxisNorm):
         super().__init__(in_size, name=name)
         feature_shape = self._setup_axes(reduction_axes, feature_axes, epsilon, axis_name, axis_index_groups,
                                          use_fast_variance, dtype, param_dtype)
-        self.use_scale = bool(use_scale)
+        self.use_scale = check_flag(self._owner, "use_scale", use_scale)
         self.scale_init = scale_init
         self.scale = self._affine_state(
             feature_shape, use_scale=self.use_scale, use_bias=False, scale_init=scale_init, bias_init=None,

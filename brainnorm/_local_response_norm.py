@@ -5,7 +5,7 @@ from __future__ import annotations
 from . import _units
 from . import functional as F
 from ._base import _Normalization
-from ._validation import check_positive_int
+from ._validation import check_dtype, check_positive_int, check_real
 
 __all__ = ["LocalResponseNorm"]
 
@@ -50,14 +50,14 @@ class LocalResponseNorm(_Normalization):
     def __init__(self, in_size, size, *, alpha=1e-4, beta=0.75, k=1.0, feature_axis=-1, dtype=None, name=None):
         super().__init__(in_size, name=name)
         self.size = check_positive_int(self._owner, "size", size)
-        self.alpha = float(alpha)
-        self.beta = float(beta)
-        self.k = float(k)
+        self.alpha = check_real(self._owner, "alpha", alpha)
+        self.beta = check_real(self._owner, "beta", beta)
+        self.k = check_real(self._owner, "k", k)
         feature = self._sample_axes("feature_axis", feature_axis)
         if len(feature) != 1:
             raise ValueError(f"{self._owner}: feature_axis must name one axis, got {feature_axis!r}.")
         self.feature_axes = feature
-        self.dtype = dtype
+        self.dtype = check_dtype(self._owner, "dtype", dtype)
 
     def update(self, x, mask=None):
         """Normalize ``x`` of shape ``(*batch, *in_size)``.

@@ -93,6 +93,7 @@ def check_epsilon(owner: str, epsilon, *, allow_none: bool = False, option: str 
         ) from None
     if not math.isfinite(as_float) or as_float <= 0:
         raise ValueError(f"{owner}: {option} must be a positive finite number, got {epsilon!r}.")
+    check_epsilon_range(owner, epsilon, None, option)
     return epsilon
 
 
@@ -216,7 +217,7 @@ def check_mask(owner: str, mask, shape: Sequence[int]):
     """
     if mask is None:
         return None
-    mask = jnp.asarray(mask)
+    mask = check_input(owner, mask, "mask")
     if jnp.issubdtype(mask.dtype, jnp.floating) or jnp.issubdtype(mask.dtype, jnp.complexfloating):
         raise TypeError(
             f"{owner}: mask must be boolean (or integer, read as mask != 0), got dtype "
@@ -241,3 +242,200 @@ def check_choice(owner: str, option: str, value, choices):
     if value not in choices:
         raise ValueError(f"{owner}: {option} must be one of {choices!r}, got {value!r}.")
     return value
+
+
+def smallest_epsilon(dtype=None) -> float:
+    """The smallest epsilon that does not round to 0 in the statistics dtype.
+
+    ``dtype`` None means the widest statistics dtype in use: float64 when
+    ``jax_enable_x64`` is on, else float32. XLA flushes subnormal numbers to
+    zero, so the smallest normal number is the limit.
+    """
+    if dtype is None:
+        dtype = jnp.float64 if jax.config.read("jax_enable_x64") else jnp.float32
+    return float(jnp.finfo(jnp.zeros((), dtype).real.dtype).tiny)
+
+
+def check_epsilon_range(owner: str, epsilon, dtype, option: str = "epsilon") -> None:
+    """A Python-number epsilon must not round to 0 in the statistics dtype ``dtype``."""
+    value = getattr(epsilon, "mantissa", epsilon)
+    if isinstance(value, jax.core.Tracer) or np.ndim(value) != 0:
+        return
+    limit = smallest_epsilon(dtype)
+    if 0 < float(np.asarray(value)) < limit:
+        raise ValueError(
+            f"{owner}: {option} must be at least {limit:.8g} (the smallest normal "
+            f"{jnp.dtype(jnp.zeros((), dtype).real.dtype).name}, the statistics dtype; smaller values round to 0), "
+            f"got {epsilon!r}."
+        )
+
+
+def check_real(owner: str, option: str, value, *, allow_none: bool = False, positive: bool = False,
+               nonnegative: bool = False) -> float | None:
+    """A finite real number (Python or NumPy scalar, or a 0-d array); returned as a float."""
+    expected = "a finite real number"
+    if positive:
+        expected = "a positive finite real number"
+    elif nonnegative:
+        expected = "a non-negative finite real number"
+    if value is None and allow_none:
+        return None
+    if isinstance(value, (bool, np.bool_, str, bytes)) or value is None:
+        raise TypeError(f"{owner}: {option} must be {expected}, got {type(value).__name__} {value!r}.")
+    try:
+        array = np.asarray(value)
+    except Exception:  # noqa: BLE001 - any failure means "not a number"
+        array = None
+    if array is None or array.ndim != 0 or array.dtype.kind not in "iuf":
+        raise TypeError(f"{owner}: {option} must be {expected}, got {type(value).__name__} {value!r}.")
+    number = float(array)
+    if not math.isfinite(number) or (positive and number <= 0) or (nonnegative and number < 0):
+        raise ValueError(f"{owner}: {option} must be {expected}, got {value!r}.")
+    return number
+
+
+def check_flag(owner: str, option: str, value, *, allow_none: bool = False) -> bool | None:
+    """A bool (or None where allowed); strings and numbers are refused (``bool('False')`` is True)."""
+    if value is None and allow_none:
+        return None
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    expected = "a bool" + (" or None" if allow_none else "")
+    raise TypeError(f"{owner}: {option} must be {expected}, got {type(value).__name__} {value!r}.")
+
+
+def check_dtype(owner: str, option: str, value, *, parameter: bool = False):
+    """None or a dtype that NumPy and JAX understand; parameter dtypes must be floating.
+
+    Returns the dtype as given (None stays None).
+    """
+    if value is None:
+        return None
+    try:
+        if isinstance(value, str) and not value:
+            raise TypeError
+        dtype = jnp.dtype(value)
+    except Exception:  # noqa: BLE001 - NumPy raises TypeError or ValueError
+        raise TypeError(f"{owner}: {option} must be a dtype (e.g. jnp.float32) or None, got {value!r}.") from None
+    if not (jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.complexfloating)):
+        what = "parameters and running statistics" if parameter else "outputs"
+        raise TypeError(
+            f"{owner}: {option} must be a floating dtype ({what} are real numbers), got {dtype.name}."
+        )
+    return value
+
+
+def check_axis_name(owner: str, axis_name, axis_index_groups):
+    """``(axis_name, axis_index_groups)`` validated: a hashable name or a tuple of names; groups need a name.
+
+    A list of names is read as a tuple (JAX names must be hashable).
+    Returns the groups as a tuple of tuples of ints.
+    """
+    if isinstance(axis_name, list):
+        axis_name = tuple(axis_name)
+    if axis_name is not None:
+        names = axis_name if isinstance(axis_name, tuple) else (axis_name,)
+        for name in names:
+            try:
+                hash(name)
+            except TypeError:
+                raise TypeError(
+                    f"{owner}: axis_name must be a hashable name (e.g. 'batch') or a tuple of names, got "
+                    f"{axis_name!r}."
+                ) from None
+            if name is None or isinstance(name, (bool, float, complex)):
+                raise TypeError(
+                    f"{owner}: axis_name must be a hashable name (e.g. 'batch') or a tuple of names, got "
+                    f"{axis_name!r}."
+                )
+        if not names:
+            raise ValueError(f"{owner}: axis_name must name at least one axis, got {axis_name!r}.")
+    if axis_index_groups is None:
+        return axis_name, None
+    if axis_name is None:
+        raise ValueError(
+            f"{owner}: axis_index_groups needs axis_name (the groups partition a named axis), got "
+            f"axis_index_groups={axis_index_groups!r} with axis_name=None."
+        )
+    try:
+        groups = tuple(tuple(i for i in group) for group in axis_index_groups)
+    except TypeError:
+        groups = None
+    if not groups or any(not g for g in groups) or any(
+        isinstance(i, bool) or not isinstance(i, (numbers.Integral, np.integer)) or i < 0
+        for g in groups for i in g
+    ):
+        raise TypeError(
+            f"{owner}: axis_index_groups must be a sequence of non-empty sequences of non-negative ints, got "
+            f"{axis_index_groups!r}."
+        )
+    flat = [int(i) for g in groups for i in g]
+    if len(set(flat)) != len(flat) or len({len(g) for g in groups}) != 1:
+        raise ValueError(
+            f"{owner}: axis_index_groups must be groups of equal size without repeated indices, got "
+            f"{axis_index_groups!r}."
+        )
+    return axis_name, tuple(tuple(int(i) for i in g) for g in groups)
+
+
+def check_initializer(owner: str, option: str, init):
+    """A callable (a brainstate initializer) or a numeric array-like (or Quantity)."""
+    if callable(init):
+        return init
+    value = getattr(init, "mantissa", init)
+    kind = None
+    if not isinstance(value, (str, bytes)) and value is not None:
+        try:
+            kind = np.asarray(value).dtype.kind
+        except Exception:  # noqa: BLE001
+            kind = None
+    if kind not in tuple("biuf"):
+        raise TypeError(
+            f"{owner}: {option} must be an initializer (a callable such as brainstate.nn.init.Constant(1.0)) "
+            f"or an array of numbers, got {type(init).__name__} {init!r}."
+        )
+    return init
+
+
+def check_input(owner: str, x, option: str = "x"):
+    """A numeric array (or array-like); returns it as a JAX array."""
+    if isinstance(x, jax.Array):
+        dtype = x.dtype
+    elif x is None or isinstance(x, (str, bytes)):
+        dtype = None
+    else:
+        try:
+            dtype = np.asarray(x).dtype
+        except Exception:  # noqa: BLE001
+            dtype = None
+    if dtype is None or not (dtype == np.bool_ or jnp.issubdtype(dtype, jnp.number)):
+        expected = "a boolean array" if option == "mask" else "an array of numbers (or a brainunit Quantity)"
+        raise TypeError(f"{owner}: {option} must be {expected}, got {type(x).__name__} {x!r:.80}.")
+    return jnp.asarray(x)
+
+
+def check_time_index(owner: str, t):
+    """A time step: a non-negative Python/NumPy int or a scalar integer JAX array (traced allowed).
+
+    Floats (``1.7``), bools and arrays of several steps are refused: a step
+    index is never rounded. Concrete values must be >= 0.
+    """
+    expected = "a non-negative int or a scalar integer array"
+    if isinstance(t, (bool, np.bool_)):
+        raise TypeError(f"{owner}: t must be {expected}, got bool {t!r}.")
+    if isinstance(t, (numbers.Integral, np.integer)):
+        if int(t) < 0:
+            raise ValueError(f"{owner}: t must be {expected}, got {t!r}.")
+        return int(t)
+    if isinstance(t, (jax.Array, np.ndarray)):
+        if t.ndim != 0 or not jnp.issubdtype(t.dtype, jnp.integer):
+            raise TypeError(
+                f"{owner}: t must be {expected}, got an array of shape {tuple(t.shape)} and dtype {t.dtype}."
+            )
+        if not isinstance(t, jax.core.Tracer):
+            value = int(t)
+            if value < 0:
+                raise ValueError(f"{owner}: t must be {expected}, got {value}.")
+            return value
+        return t
+    raise TypeError(f"{owner}: t must be {expected}, got {type(t).__name__} {t!r}.")

@@ -14,10 +14,11 @@ from contextlib import contextmanager
 import brainstate
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from . import _stats
 from ._base import _RunningStatistics
-from ._validation import canonical_axes, check_epsilon, check_positive_int
+from ._validation import canonical_axes, check_epsilon, check_flag, check_positive_int
 
 __all__ = ["WeightNorm", "SpectralNorm"]
 
@@ -240,10 +241,13 @@ class SpectralNorm(_RunningStatistics, _WeightWrapper):
         weight = jnp.asarray(self._stored_weight())
         if weight.ndim < 2:
             raise ValueError(f"{self._owner}: the weight must have at least 2 axes, got shape {weight.shape}.")
+        if not isinstance(axis, (int, np.integer)) or isinstance(axis, bool):
+            raise TypeError(f"{self._owner}: axis must be an int (the output axis of the weight), got {axis!r}.")
         self.axis = canonical_axes(self._owner, "axis", axis, weight.ndim)[0]
         self.n_steps = check_positive_int(self._owner, "n_steps", n_steps)
         self.epsilon = check_epsilon(self._owner, epsilon)
-        self.use_running_average = use_running_average
+        self.use_running_average = check_flag(self._owner, "use_running_average", use_running_average,
+                                              allow_none=True)
         matrix = jax.lax.stop_gradient(self._matrix(weight))
         rows, cols = matrix.shape
         u = self._unit(brainstate.random.normal(size=(rows,)).astype(matrix.dtype))

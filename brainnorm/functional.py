@@ -19,17 +19,23 @@ from __future__ import annotations
 
 
 import jax.numpy as jnp
+import numpy as np
 
 from . import _stats, _units
 from ._stats import Moments, Reduction, apply_moments, default_epsilon, output_dtype, stats_dtype
 from ._validation import (
     canonical_axes,
+    check_axis_name,
+    check_dtype,
     check_epsilon,
+    check_epsilon_range,
     check_groups,
+    check_input,
     check_mask,
     check_momentum,
     check_momentum_shape,
     check_positive_int,
+    check_real,
     check_running_statistics,
 )
 
@@ -54,17 +60,33 @@ __all__ = [
 def _prepare(owner, x, mask):
     """Split units, make ``x`` an array and validate ``mask`` against it."""
     x_m, unit = _units.split(x)
-    x_m = jnp.asarray(x_m)
+    x_m = check_input(owner, x_m)
     return x_m, unit, check_mask(owner, mask, x_m.shape)
 
 
 def _affine(owner, x, unit, epsilon, scale, bias, dtype):
     """Epsilon in the squared statistics unit, affine mantissas, output unit and dtype."""
+    dtype = check_dtype(owner, "dtype", dtype)
     if epsilon is None:
         epsilon = default_epsilon(x.dtype)
     eps = _units.epsilon_value(owner, epsilon, unit)
+    check_epsilon_range(owner, eps, stats_dtype(x.dtype))
     scale_m, bias_m, out_unit = _units.affine_units(owner, scale, bias)
+    for option, value in (("scale", scale_m), ("bias", bias_m)):
+        if value is not None:
+            _check_broadcasts(owner, option, value, x.shape)
     return eps, scale_m, bias_m, out_unit, output_dtype(x.dtype, dtype)
+
+
+def _check_broadcasts(owner, option, value, shape):
+    """``value`` must broadcast to ``shape`` without enlarging it."""
+    given = tuple(jnp.shape(check_input(owner, value, option)))
+    try:
+        fits = np.broadcast_shapes(given, tuple(shape)) == tuple(shape)
+    except ValueError:
+        fits = False
+    if not fits:
+        raise ValueError(f"{owner}: {option} of shape {given} does not broadcast to the input shape {tuple(shape)}.")
 
 
 def _apply(owner, x, unit, stats: Moments, *, scale, bias, epsilon, dtype):
@@ -82,7 +104,7 @@ def _normalize(owner, x, unit, reduction, *, mask, scale, bias, epsilon, dtype, 
 
 
 def _groups(axis_index_groups):
-    """``axis_index_groups`` as a hashable tuple of tuples (or None)."""
+    """``axis_index_groups`` as a hashable tuple of tuples (or None); validated by ``check_axis_name``."""
     return None if axis_index_groups is None else tuple(tuple(int(i) for i in g) for g in axis_index_groups)
 
 
@@ -186,6 +208,8 @@ def moments(
     """
     owner = "moments"
     x_m, unit, mask = _prepare(owner, x, mask)
+    axis_name, axis_index_groups = check_axis_name(owner, axis_name, axis_index_groups)
+    dtype = check_dtype(owner, "dtype", dtype)
     axes = canonical_axes(owner, "axes", axes, x_m.ndim)
     stats = _stats.compute_moments(
         x_m,
@@ -299,6 +323,7 @@ def layer_norm(
     owner = "layer_norm"
     check_epsilon(owner, epsilon, allow_none=True)
     x_m, unit, mask = _prepare(owner, x, mask)
+    axis_name, axis_index_groups = check_axis_name(owner, axis_name, axis_index_groups)
     axes = canonical_axes(owner, "reduction_axes", reduction_axes, x_m.ndim)
     reduction = Reduction(axes, use_fast_variance=bool(use_fast_variance), axis_name=axis_name,
                           axis_index_groups=_groups(axis_index_groups))
@@ -355,6 +380,7 @@ def rms_norm(
     owner = "rms_norm"
     check_epsilon(owner, epsilon, allow_none=True)
     x_m, unit, mask = _prepare(owner, x, mask)
+    axis_name, axis_index_groups = check_axis_name(owner, axis_name, axis_index_groups)
     axes = canonical_axes(owner, "reduction_axes", reduction_axes, x_m.ndim)
     reduction = Reduction(axes, use_mean=False, axis_name=axis_name, axis_index_groups=_groups(axis_index_groups))
     return _normalize(owner, x_m, unit, reduction, mask=mask, scale=scale, bias=None, epsilon=epsilon,
@@ -450,6 +476,7 @@ def batch_norm(
     check_epsilon(owner, epsilon)
     momentum = check_momentum(owner, momentum, allow_none=False)
     x_m, unit, mask = _prepare(owner, x, mask)
+    axis_name, axis_index_groups = check_axis_name(owner, axis_name, axis_index_groups)
     feature = canonical_axes(owner, "feature_axes", feature_axes, x_m.ndim)
     axes = tuple(a for a in range(x_m.ndim) if a not in feature)
     kept = tuple(1 if a in axes else d for a, d in enumerate(x_m.shape))
@@ -568,6 +595,7 @@ def group_norm(
     owner = "group_norm"
     check_epsilon(owner, epsilon)
     x_m, unit, mask = _prepare(owner, x, mask)
+    axis_name, axis_index_groups = check_axis_name(owner, axis_name, axis_index_groups)
     batch, feature = _batch_and_channel_axes(owner, x_m.shape, batch_axes, feature_axis)
     if len(feature) != 1:
         raise ValueError(f"{owner}: feature_axis must name one axis, got {feature_axis!r}.")
@@ -673,6 +701,7 @@ def instance_norm(
     check_epsilon(owner, epsilon)
     momentum = check_momentum(owner, momentum, allow_none=False)
     x_m, unit, mask = _prepare(owner, x, mask)
+    axis_name, axis_index_groups = check_axis_name(owner, axis_name, axis_index_groups)
     batch, feature = _batch_and_channel_axes(owner, x_m.shape, batch_axes, feature_axis)
     axes = tuple(a for a in range(x_m.ndim) if a not in batch and a not in feature)
     kept = tuple(1 if a in axes or a in batch else d for a, d in enumerate(x_m.shape))
@@ -739,6 +768,8 @@ def local_response_norm(x, size: int, *, alpha=1e-4, beta=0.75, k=1.0, feature_a
     """
     owner = "local_response_norm"
     size = check_positive_int(owner, "size", size)
+    alpha, beta, k = (check_real(owner, option, value) for option, value in (("alpha", alpha), ("beta", beta), ("k", k)))
+    dtype = check_dtype(owner, "dtype", dtype)
     x_m, unit, mask = _prepare(owner, x, mask)
     feature = canonical_axes(owner, "feature_axis", feature_axis, x_m.ndim)
     if len(feature) != 1:
