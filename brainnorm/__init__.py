@@ -7,6 +7,7 @@ Layers are ``brainstate.nn.Module`` subclasses built on the pure functions of
 from . import functional
 from ._backend import backend_info, warn_about_environment
 from ._batch_norm import BatchNorm0d, BatchNorm1d, BatchNorm2d, BatchNorm3d
+from ._divisive import GDN, DivisiveNormalization, DynamicDivisiveNormalization
 from ._group_norm import GroupNorm, InstanceNorm
 from ._layer_norm import LayerNorm, RMSNorm
 from ._local_response_norm import LocalResponseNorm
@@ -36,6 +37,9 @@ __all__ = [
     "BatchNormThroughTime",
     "ThresholdDependentBatchNorm",
     "TemporalEffectiveBatchNorm",
+    "DivisiveNormalization",
+    "GDN",
+    "DynamicDivisiveNormalization",
     "weight_standardization",
     "functional",
     "backend_info",

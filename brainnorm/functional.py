@@ -49,6 +49,8 @@ __all__ = [
     "instance_norm",
     "local_response_norm",
     "weight_standardization",
+    "divisive_normalization",
+    "gdn",
 ]
 
 
@@ -826,3 +828,7 @@ def weight_standardization(w, eps=1e-4, gain=None, out_axis=-1):
     gain_m, _, out_unit = _units.affine_units(owner, gain, None)
     y = _stats.standardize_weight(w_m, axes, _units.epsilon_value(owner, eps, unit), gain_m)
     return _units.attach(y.astype(output_dtype(w_m.dtype)), out_unit)
+
+
+# Divisive normalization (neuroscience) lives in its own module of the core.
+from ._divisive_functional import divisive_normalization, gdn  # noqa: E402

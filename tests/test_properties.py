@@ -587,6 +587,44 @@ def test_functional_local_response_norm_and_weight_standardization(data):
           "weight_standardization")
 
 
+def _divisive_reference(x, exponent, sigma, gain, weights, feature_axis):
+    """``gain * sign(x) |x|^n / (sigma^n + sum_j w_ij |x_j|^n)`` in float64 over ``feature_axis``."""
+    x64 = np.moveaxis(np.asarray(x, np.float64), feature_axis, -1)
+    drive = np.abs(x64) ** exponent
+    pool = drive @ np.asarray(weights, np.float64).T
+    y = gain * np.sign(x64) * drive / (sigma**exponent + pool)
+    return np.moveaxis(y, -1, feature_axis)
+
+
+@given(data=st.data())
+@settings(max_examples=15)
+def test_functional_divisive_normalization_and_gdn(data):
+    """Divisive normalization (any pool, exponent, channel axis) and GDN/IGDN against float64 NumPy."""
+    shape = tuple(data.draw(st.lists(st.integers(1, 4), min_size=1, max_size=3)))
+    feature_axis = data.draw(st.integers(-len(shape), len(shape) - 1))
+    channels = shape[feature_axis]
+    seed = data.draw(st.integers(0, 2**16))
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal(shape).astype(np.float32)
+    weights = rng.uniform(0, 1, (channels, channels)).astype(np.float32)
+    exponent = data.draw(st.sampled_from([1.0, 1.5, 2.0, 3.0]))
+    sigma = data.draw(st.floats(0.1, 3.0))
+    gain = data.draw(st.floats(0.5, 2.0))
+    y = F.divisive_normalization(x, exponent=exponent, sigma=sigma, gain=gain, weights=weights,
+                                 feature_axis=feature_axis)
+    expected = _divisive_reference(x, exponent, sigma, gain, weights, feature_axis)
+    np.testing.assert_allclose(np.asarray(y, np.float64), expected, rtol=1e-4, atol=1e-6)
+
+    beta = rng.uniform(0.5, 2.0, channels).astype(np.float32)
+    gamma = rng.uniform(0, 0.5, (channels, channels)).astype(np.float32)
+    inverse = data.draw(st.booleans())
+    x_last = np.moveaxis(x.astype(np.float64), feature_axis, -1)
+    norm = np.sqrt(beta + np.square(x_last) @ gamma.astype(np.float64).T)
+    expected = np.moveaxis(x_last * norm if inverse else x_last / norm, -1, feature_axis)
+    y = F.gdn(x, beta, gamma, inverse=inverse, feature_axis=feature_axis)
+    np.testing.assert_allclose(np.asarray(y, np.float64), expected, rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.parametrize("name", sorted(brainnorm.functional.__all__))
 def test_every_function_has_a_property_test(name):
     """Guard: a new public function must be added to this module."""
