@@ -7,11 +7,13 @@ Layers are ``brainstate.nn.Module`` subclasses built on the pure functions of
 from . import functional
 from ._backend import backend_info, warn_about_environment
 from ._batch_norm import BatchNorm0d, BatchNorm1d, BatchNorm2d, BatchNorm3d
+from ._deploy import fold_batch_norm, fold_threshold
 from ._divisive import GDN, DivisiveNormalization, DynamicDivisiveNormalization
 from ._group_norm import GroupNorm, InstanceNorm
 from ._layer_norm import LayerNorm, RMSNorm
 from ._local_response_norm import LocalResponseNorm
 from ._states import NormalizationParamState
+from ._spiking import NeuNorm, TemporalAccumulatedBatchNorm
 from ._temporal import BatchNormThroughTime, TemporalEffectiveBatchNorm, ThresholdDependentBatchNorm
 from ._weight_norm import SpectralNorm, WeightNorm
 from .functional import weight_standardization
@@ -37,6 +39,10 @@ __all__ = [
     "BatchNormThroughTime",
     "ThresholdDependentBatchNorm",
     "TemporalEffectiveBatchNorm",
+    "TemporalAccumulatedBatchNorm",
+    "NeuNorm",
+    "fold_batch_norm",
+    "fold_threshold",
     "DivisiveNormalization",
     "GDN",
     "DynamicDivisiveNormalization",

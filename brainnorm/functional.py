@@ -51,6 +51,8 @@ __all__ = [
     "weight_standardization",
     "divisive_normalization",
     "gdn",
+    "temporal_accumulated_batch_norm",
+    "neu_norm",
 ]
 
 
@@ -832,3 +834,6 @@ def weight_standardization(w, eps=1e-4, gain=None, out_axis=-1):
 
 # Divisive normalization (neuroscience) lives in its own module of the core.
 from ._divisive_functional import divisive_normalization, gdn  # noqa: E402
+
+# Accumulated (TAB) and NeuNorm statistics of spiking networks, likewise.
+from ._spiking_functional import AccumulatedSums, neu_norm, temporal_accumulated_batch_norm  # noqa: E402

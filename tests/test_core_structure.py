@@ -17,7 +17,7 @@ import pytest
 import brainnorm
 
 PACKAGE = Path(brainnorm.__file__).parent
-CORE = {"_stats.py", "functional.py"}
+CORE = {"_stats.py", "functional.py", "_divisive_functional.py", "_spiking_functional.py"}
 LAYER_FILES = sorted(p for p in PACKAGE.glob("_*.py") if p.name not in CORE | {"__init__.py"})
 
 

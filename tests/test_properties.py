@@ -625,6 +625,41 @@ def test_functional_divisive_normalization_and_gdn(data):
     np.testing.assert_allclose(np.asarray(y, np.float64), expected, rtol=1e-4, atol=1e-6)
 
 
+@given(data=st.data())
+@settings(max_examples=12)
+def test_functional_temporal_accumulated_batch_norm_and_neu_norm(data):
+    """TAB (statistics of step t over steps 0..t) and NeuNorm's trace against float64 NumPy."""
+    steps = data.draw(st.integers(1, 4))
+    batch = data.draw(st.integers(1, 3))
+    channels = data.draw(st.integers(1, 3))
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**16)))
+    x = (rng.standard_normal((steps, batch, channels)) * 2 + 1).astype(np.float32)
+    scale = rng.uniform(0.5, 1.5, (steps, 1, channels)).astype(np.float32)
+    bias = rng.uniform(-0.5, 0.5, (steps, 1, channels)).astype(np.float32)
+    p = rng.uniform(0.5, 1.5, steps).astype(np.float32)
+    y, _, _ = F.temporal_accumulated_batch_norm(
+        x, np.zeros((steps, 1, channels)), np.ones((steps, 1, channels)), scale, bias, p, training=True,
+        epsilon=1e-5)
+    x64 = x.astype(np.float64)
+    expected = np.empty_like(x64)
+    for t in range(steps):
+        seen = x64[: t + 1]
+        mean, var = seen.mean(axis=(0, 1)), seen.var(axis=(0, 1))
+        expected[t] = p[t] ** 2 * (scale[t] * (x64[t] - mean) / np.sqrt(var + 1e-5) + bias[t])
+    np.testing.assert_allclose(np.asarray(y, np.float64), expected, rtol=1e-4, atol=1e-4)
+
+    spikes = (rng.random((steps, batch, channels)) < 0.4).astype(np.float32)
+    weight = rng.uniform(-1, 1, channels).astype(np.float32)
+    k = data.draw(st.floats(0.0, 0.99))
+    y, state = F.neu_norm(spikes, weight, k=k, multi_step=True)
+    trace = np.zeros((batch, 1))
+    expected = np.empty(spikes.shape)
+    for t in range(steps):
+        trace = k * trace + (1 - k) / channels**2 * spikes[t].astype(np.float64).sum(-1, keepdims=True)
+        expected[t] = spikes[t] - weight * trace
+    np.testing.assert_allclose(np.asarray(y, np.float64), expected, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("name", sorted(brainnorm.functional.__all__))
 def test_every_function_has_a_property_test(name):
     """Guard: a new public function must be added to this module."""

@@ -1,0 +1,444 @@
+"""Spiking-network normalizations: TAB and NeuNorm.
+
+:class:`TemporalAccumulatedBatchNorm` shares the input layouts, step index
+rules, running statistics, masks and units of the temporal layers of
+:mod:`brainnorm._temporal` (BNTT, tdBN, TEBN); :class:`NeuNorm` is a dynamics
+module with a ``brainstate.HiddenState``. The arithmetic of both is in
+:mod:`brainnorm._spiking_functional`.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import brainstate
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from . import _units
+from ._base import _affine_values, _Normalization, _resolve_init
+from .functional import neu_norm, temporal_accumulated_batch_norm
+from ._states import NormalizationParamState
+from ._temporal import _TemporalBatchNorm, _reshape_q, _set_step, _set_steps, _time_slice
+from ._validation import check_choice
+
+__all__ = ["TemporalAccumulatedBatchNorm", "NeuNorm"]
+
+
+class TemporalAccumulatedBatchNorm(_TemporalBatchNorm):
+    r"""Temporal accumulated batch normalization, TAB (Jiang et al., ICLR 2024).
+
+    The statistics of step ``t`` are taken over the steps ``0..t`` together
+    (causal accumulation), over the batch axes and the non-feature axes of
+    ``in_size``; each step has its own :math:`\gamma_t, \beta_t` and running
+    statistics, and a trainable :math:`p_t` weights the output:
+
+    .. math::
+
+        y_t = p_t^2 \left(\gamma_t \frac{x_t - \mu_{0..t}}{\sqrt{\sigma^2_{0..t} + \epsilon}} + \beta_t\right)
+
+    In training the running statistics of step ``t`` are updated with
+    :math:`\mu_{0..t}, \sigma^2_{0..t}` (``unbiased_running_var=True``
+    corrects with every valid element of steps ``0..t``); evaluation
+    normalizes step ``t`` with them. With ``momentum = 1 - m`` and
+    ``unbiased_running_var=True`` this is the authors' ``TAB_Layer`` (one
+    PyTorch ``BatchNorm`` of momentum ``m`` per step, applied to the steps so
+    far).
+
+    ``step_mode='multi'`` takes ``(T, *batch, *in_size)``. ``'single'`` takes
+    one step ``(*batch, *in_size)`` per call with its index from ``t=`` (or
+    ``brainstate.environ['i']``); the sums of the current sequence live in the
+    short-term state ``accumulated``, and a call with ``t == 0`` starts a new
+    sequence. Both modes give the same outputs and running statistics. Steps
+    at or past ``num_steps`` keep accumulating but reuse the last step's
+    parameters and running statistics (updated once per step, in order).
+
+    Parameters
+    ----------
+    in_size : int or sequence of int
+        Per-sample shape without time and batch axes.
+    num_steps : int
+        Number of steps with their own parameters and statistics.
+    feature_axis : int or sequence of int
+        Channel axis counted within ``in_size``.
+    epsilon, momentum, track_running_stats, unbiased_running_var, use_running_average
+        As for :class:`BatchNorm1d` (momentum: weight of the old value).
+    use_scale, use_bias : bool
+        Learn :math:`\gamma_t` and :math:`\beta_t` (shape ``(num_steps,
+        *feature_shape)``).
+    scale_init, bias_init : callable or array
+        Default 1 and 0.
+    p_init : callable or array
+        Initial :math:`p` (default 1), shape ``(num_steps,)``.
+    axis_name, axis_index_groups : optional
+    use_fast_variance : bool
+    step_mode : {'single', 'multi'}
+    dtype, param_dtype, param_type, mean_type, unit, name
+        As for :class:`BatchNorm1d`.
+
+    Attributes
+    ----------
+    weight : NormalizationParamState
+        ``{'scale', 'bias'}`` of shape ``(num_steps, *feature_shape)``.
+    p : brainstate.ParamState
+        Shape ``(num_steps,)``.
+    running_mean, running_var : brainstate.ShortTermState
+        Shape ``(num_steps, *feature_shape)``.
+    num_batches_tracked : brainstate.ShortTermState
+        Training steps per time step, shape ``(num_steps,)``.
+    accumulated : brainstate.ShortTermState
+        Single-step mode: the sums of the current sequence
+        (:class:`~brainnorm._spiking_functional.AccumulatedSums` fields
+        ``count``, ``shift``, ``total``, ``total_sq``, in the unit of the
+        running statistics, else of the input).
+
+    References
+    ----------
+    Jiang, Zoonekynd, De Masi, Ballester. TAB: Temporal Accumulated Batch
+    Normalization in Spiking Neural Networks. ICLR 2024.
+
+    Examples
+    --------
+    >>> import brainstate, jax.numpy as jnp
+    >>> from brainnorm._spiking import TemporalAccumulatedBatchNorm
+    >>> tab = TemporalAccumulatedBatchNorm(3, num_steps=4, step_mode='multi')
+    >>> with brainstate.environ.context(fit=True):
+    ...     y = tab(jnp.arange(96.0).reshape(4, 8, 3))      # (T, B, C)
+    >>> tab.running_mean.value.shape, tab.p.value.shape
+    ((4, 3), (4,))
+    """
+
+    _per_step_statistics = True
+
+    def __init__(self, in_size, num_steps, feature_axis=-1, *, epsilon=1e-5, momentum=0.99, use_scale=True,
+                 use_bias=True, scale_init=None, bias_init=None, p_init=None, track_running_stats=True,
+                 unbiased_running_var=False, use_running_average=None, axis_name=None, axis_index_groups=None,
+                 use_fast_variance=False, step_mode="single", dtype=None, param_dtype=None,
+                 param_type=NormalizationParamState, mean_type=brainstate.ShortTermState, unit=None, name=None):
+        super().__init__(
+            in_size, feature_axis, num_steps, epsilon=epsilon, momentum=momentum, use_scale=use_scale,
+            use_bias=use_bias,
+            scale_init=brainstate.nn.init.Constant(1.0) if scale_init is None else scale_init,
+            bias_init=brainstate.nn.init.Constant(0.0) if bias_init is None else bias_init,
+            track_running_stats=track_running_stats, unbiased_running_var=unbiased_running_var,
+            use_running_average=use_running_average, axis_name=axis_name, axis_index_groups=axis_index_groups,
+            use_fast_variance=use_fast_variance, step_mode=step_mode, dtype=dtype, param_dtype=param_dtype,
+            param_type=param_type, mean_type=mean_type, unit=unit, name=name,
+        )
+        dtype = brainstate.environ.dftype() if param_dtype is None else param_dtype
+        p_init = brainstate.nn.init.Constant(1.0) if p_init is None else p_init
+        self.p = brainstate.ParamState(_resolve_init(self._owner, "p_init", p_init, (self.num_steps,), dtype))
+        feature_shape = self._feature_shape(self.feature_axes)
+        stats_dtype = jnp.promote_types(dtype, jnp.float32)
+        self.accumulated = brainstate.ShortTermState(
+            {name: jnp.zeros(feature_shape, stats_dtype) for name in ("count", "shift", "total", "total_sq")}
+        )
+
+    def update(self, x, mask=None, *, t=None, use_running_average=None):
+        """Normalize one step (single) or a whole sequence (multi).
+
+        Parameters
+        ----------
+        x : array_like or Quantity
+            ``(*batch, *in_size)`` or ``(T, *batch, *in_size)``.
+        mask : array_like of bool, optional
+            Valid positions, broadcastable to ``x``.
+        t : int or Array, optional
+            Time index of a single-step call (default ``environ['i']``);
+            ``t == 0`` starts a new sequence.
+        use_running_average : bool, optional
+
+        Returns
+        -------
+        Array or Quantity
+        """
+        x_m, unit, mask, _ = self._check_input(x, mask)
+        training, stats_unit = self._mode_and_unit(x_m, unit, use_running_average)
+        x_q = _units.attach(x_m, unit)
+        if self.step_mode == "single":
+            raw = self._raw_index(t)
+            slot = self._step_index(raw)
+            accumulated = self._stored_sums(raw)
+            y, written = self._steps(x_q[None], None if mask is None else _time_slice(mask, x_m.ndim + 1, 0, 1),
+                                     slot, 1, training, accumulated)
+            self._commit(written, keep_sums=True)
+            return _squeeze_time(y)
+        steps = x_m.shape[0]
+        head = min(steps, self.num_steps)
+        y, written = self._steps(x_q[:head], None if mask is None else _time_slice(mask, x_m.ndim, 0, head),
+                                 0, head, training, None)
+        outputs = [_units.split(y)[0]]
+        for step in range(head, steps):  # past num_steps: the last slot, in order
+            step_mask = None if mask is None else _time_slice(mask, x_m.ndim, step, step + 1)
+            y_t, written = self._steps(x_q[step:step + 1], step_mask, self.num_steps - 1, 1, training,
+                                       written["accumulated"], written)
+            outputs.append(_units.split(y_t)[0])
+        self._commit(written, keep_sums=False)
+        if len(outputs) == 1:
+            return y
+        return _units.attach(jnp.concatenate(outputs, axis=0), _units.split(y)[1])
+
+    # -- helpers ------------------------------------------------------------
+
+    def _raw_index(self, t):
+        if t is None:
+            t = brainstate.environ.get("i", None)
+        self._step_index(t)  # raises for a missing or negative index
+        return t
+
+    def _stored_sums(self, raw):
+        """The sums of the current sequence; None at a (static) ``t == 0``."""
+        if isinstance(raw, (numbers.Integral, np.integer)) or (
+            hasattr(raw, "shape") and not isinstance(raw, jax.core.Tracer)
+        ):
+            if int(np.asarray(raw)) == 0:
+                return None
+            return tuple(self.accumulated.value[k] for k in ("count", "shift", "total", "total_sq"))
+        # a traced index: zero counts start a new sequence inside the core
+        start = jnp.asarray(raw) == 0
+        count = jnp.where(start, jnp.zeros_like(self.accumulated.value["count"]), self.accumulated.value["count"])
+        return (count,) + tuple(self.accumulated.value[k] for k in ("shift", "total", "total_sq"))
+
+    def _steps(self, x_q, mask, first, steps, training, accumulated, pending=None):
+        """Steps ``first..first+steps-1`` (slots) of one sequence through the core.
+
+        ``first`` is a slot index (int or traced); ``pending`` holds values
+        computed but not yet written (the tail of a multi-step call).
+        """
+        x_m = _units.split(x_q)[0]
+        n_batch = x_m.ndim - len(self.in_size) - 1
+        broadcast = (steps,) + (1,) * n_batch + self._feature_shape(self.feature_axes)
+        slots = _slots(first, steps)
+        scale, bias = _affine_values(self.weight)
+        scale = None if scale is None else _reshape_q(_take(scale, slots), broadcast)
+        bias = None if bias is None else _reshape_q(_take(bias, slots), broadcast)
+        p = _take(self.p.value, slots)
+        running_mean = running_var = None
+        momentum = 1.0
+        state = pending or {}
+        if self.track_running_stats:
+            full_mean = state.get("running_mean", self.running_mean.value)
+            full_var = state.get("running_var", self.running_var.value)
+            tracked = state.get("num_batches_tracked", self.num_batches_tracked.value)
+            running_mean = _reshape_q(_take(full_mean, slots), broadcast)
+            running_var = _reshape_q(_take(full_var, slots), broadcast)
+            momentum = self._effective_momentum(_take(tracked, slots))
+            if jnp.ndim(momentum):
+                momentum = jnp.reshape(momentum, (steps,) + (1,) * (len(broadcast) - 1))
+        y, new_mean, new_var, sums = temporal_accumulated_batch_norm(
+            x_q, running_mean, running_var, scale, bias, p, training=training,
+            feature_axes=self._x_axes(self.feature_axes, x_m.ndim), momentum=momentum,
+            epsilon=self.epsilon, mask=mask, unbiased_running_var=self.unbiased_running_var,
+            accumulated=accumulated, return_accumulated=True, axis_name=self.axis_name,
+            axis_index_groups=self.axis_index_groups, use_fast_variance=self.use_fast_variance, dtype=self.dtype,
+        )
+        written = dict(state)
+        written["accumulated"] = sums
+        if self.track_running_stats and training:
+            shape = (steps,) + self.running_mean.value.shape[1:]
+            written["running_mean"] = _put(full_mean, slots, _reshape_q(new_mean, shape))
+            written["running_var"] = _put(full_var, slots, _reshape_q(new_var, shape))
+            written["num_batches_tracked"] = _put(tracked, slots, _take(tracked, slots) + 1)
+        return y, written
+
+    def _commit(self, written, keep_sums):
+        """Write everything computed by this call (nothing is written before it succeeded)."""
+        for name in ("running_mean", "running_var", "num_batches_tracked"):
+            if name in written:
+                getattr(self, name).value = written[name]
+        sums = written.get("accumulated")
+        if keep_sums and sums is not None:
+            stored = self.accumulated.value
+            self.accumulated.value = {
+                name: jnp.reshape(jnp.asarray(value), stored[name].shape).astype(stored[name].dtype)
+                for name, value in zip(("count", "shift", "total", "total_sq"), sums)
+            }
+
+
+def _slots(first, steps):
+    """Slot indices ``first, ..., first + steps - 1`` (a slice for a static start)."""
+    if isinstance(first, int):
+        return slice(first, first + steps)
+    return first  # a traced single slot
+
+
+def _take(value, slots):
+    """Entries ``slots`` of a per-step array (Quantity or plain), time axis kept."""
+    value_m, unit = _units.split(value)
+    if isinstance(slots, slice):
+        return _units.attach(value_m[slots], unit)
+    return _units.attach(jax.lax.dynamic_slice_in_dim(value_m, slots, 1, axis=0), unit)
+
+
+def _put(full, slots, values):
+    """``full`` with ``slots`` replaced by ``values`` (in the unit of ``values``)."""
+    if isinstance(slots, slice):
+        if slots.start == 0:
+            return _set_steps(full, values)
+        full_m = _units.split(full)[0]
+        values_m, unit = _units.split(values)
+        return _units.attach(full_m.at[slots].set(values_m.astype(full_m.dtype)), unit)
+    return _set_step(full, slots, _reshape_q(values, _units.split(values)[0].shape[1:]))
+
+
+def _squeeze_time(y):
+    y_m, unit = _units.split(y)
+    return _units.attach(y_m[0], unit)
+
+
+class NeuNorm(_Normalization):
+    r"""NeuNorm (Wu et al., AAAI 2019): auxiliary neurons that subtract the recent population activity.
+
+    With input spikes :math:`s_t` of ``C`` channels (the entries of the
+    feature axes), per sample and non-feature position:
+
+    .. math::
+
+        a_t = k\, a_{t-1} + \frac{1 - k}{C^2} \sum_c s_t[c], \qquad y_t = s_t - w\, a_t
+
+    with a trainable ``w`` of the shape of ``in_size`` (feature axes of size 1
+    when ``shared_across_channels``). Equal to spikingjelly 2.0's
+    ``layer.NeuNorm(C, H, W, k, shared_across_channels)`` given the same
+    ``w`` (spikingjelly is channels first: ``in_size=(C, H, W),
+    feature_axis=0``), placed after the spiking neurons of a convolution.
+
+    :math:`a` lives in the ``brainstate.HiddenState`` ``activity`` of shape
+    ``(*batch, *in_size)`` with 1 at the feature axes: ``init_state`` /
+    ``reset_state(batch_size)`` set it to 0 (as ``brainstate.nn.init_all_states``
+    and ``reset_all_states`` do). ``step_mode='single'`` takes one step
+    ``(*batch, *in_size)`` per call; ``'multi'`` takes ``(T, *batch,
+    *in_size)`` and steps through it in order. Quantity input: the state holds
+    the mantissa in the input's unit.
+
+    Parameters
+    ----------
+    in_size : int or sequence of int
+        Per-sample shape, e.g. ``(H, W, C)`` or ``(C, H, W)``.
+    feature_axis : int or sequence of int
+        Channel axes counted within ``in_size``.
+    k : float
+        Decay of :math:`a` (:math:`k_{\tau 2}` of the paper), in [0, 1].
+    shared_across_channels : bool
+        One ``w`` for every channel.
+    w_init : callable or array, optional
+        Initial ``w``; default uniform in :math:`\pm 1/\sqrt{n}` with ``n``
+        the number of non-feature positions (spikingjelly's
+        ``kaiming_uniform_(a=sqrt(5))``).
+    step_mode : {'single', 'multi'}
+    param_dtype : dtype, optional
+    param_type : type
+        State class of ``w`` (a ``brainstate.ParamState``).
+    name : str, optional
+
+    Attributes
+    ----------
+    w : brainstate.ParamState
+    activity : brainstate.HiddenState
+
+    References
+    ----------
+    Wu, Deng, Li, Zhu, Xie, Shi. Direct Training for Spiking Neural Networks:
+    Faster, Larger, Better. AAAI 2019.
+
+    Examples
+    --------
+    >>> import jax.numpy as jnp
+    >>> from brainnorm._spiking import NeuNorm
+    >>> norm = NeuNorm((4, 4, 2), w_init=jnp.ones((4, 4, 2)))
+    >>> norm.init_state(batch_size=3)
+    >>> y = norm(jnp.ones((3, 4, 4, 2)))               # a = 0.1 / 4 * 2
+    >>> round(float(y[0, 0, 0, 0]), 4), norm.activity.value.shape
+    (0.95, (3, 4, 4, 1))
+    """
+
+    def __init__(self, in_size, feature_axis=-1, *, k=0.9, shared_across_channels=False, w_init=None,
+                 step_mode="single", param_dtype=None, param_type=brainstate.ParamState, name=None):
+        super().__init__(in_size, name=name)
+        owner = self._owner
+        self.feature_axes = self._sample_axes("feature_axis", feature_axis)
+        self.k = _check_unit_interval(owner, "k", k)
+        self.shared_across_channels = bool(shared_across_channels)
+        self.step_mode = check_choice(owner, "step_mode", step_mode, ("single", "multi"))
+        if not (isinstance(param_type, type) and issubclass(param_type, brainstate.ParamState)):
+            raise TypeError(f"{owner}: param_type must be a brainstate.ParamState subclass, got {param_type!r}.")
+        self.state_shape = tuple(1 if i in self.feature_axes else d for i, d in enumerate(self.in_size))
+        w_shape = self.state_shape if self.shared_across_channels else self.in_size
+        dtype = brainstate.environ.dftype() if param_dtype is None else param_dtype
+        if w_init is None:
+            bound = 1.0 / math.sqrt(math.prod(self.state_shape))
+            w_init = brainstate.nn.init.Uniform(-bound, bound)
+        self.w = param_type(_resolve_init(owner, "w_init", w_init, w_shape, dtype))
+        self.activity = brainstate.HiddenState(jnp.zeros(self.state_shape, dtype))
+
+    def _zeros(self, batch_size):
+        if batch_size is None:
+            batch = ()
+        elif isinstance(batch_size, (numbers.Integral, np.integer)) and not isinstance(batch_size, bool):
+            batch = (int(batch_size),)
+        else:
+            batch = tuple(int(b) for b in batch_size)
+        dtype = brainstate.environ.dftype()
+        return jnp.zeros(batch + self.state_shape, dtype)
+
+    def init_state(self, batch_size=None, **kwargs):
+        """Create the state :math:`a = 0` for ``batch_size`` samples (None: one unbatched sample)."""
+        self.activity = brainstate.HiddenState(self._zeros(batch_size))
+
+    def reset_state(self, batch_size=None, **kwargs):
+        """Set :math:`a` back to 0 (a new sequence), for ``batch_size`` samples."""
+        self.activity.value = self._zeros(batch_size)
+
+    def update(self, x):
+        """One step ``(*batch, *in_size)`` or a sequence ``(T, *batch, *in_size)`` (multi).
+
+        Parameters
+        ----------
+        x : array_like or Quantity
+            Input spikes.
+
+        Returns
+        -------
+        Array or Quantity
+            ``x - w * a`` of the same shape.
+
+        Raises
+        ------
+        ValueError
+            Input whose trailing shape is not ``in_size``, no time axis in
+            multi-step mode, or a state whose batch shape does not fit the
+            input (call ``reset_state(batch_size)``).
+        """
+        x_m, unit, _, n_batch = self._prepare_input(x, None)
+        multi = self.step_mode == "multi"
+        if multi and n_batch < 1:
+            raise ValueError(
+                f"{self._owner}: step_mode='multi' expects input (T, *batch, *in_size) with "
+                f"in_size={self.in_size}, got shape {x_m.shape} (no time axis)."
+            )
+        step_batch = x_m.shape[1 if multi else 0:n_batch]
+        expected = tuple(step_batch) + self.state_shape
+        state = self.activity.value
+        if tuple(jnp.shape(state)) != expected:
+            raise ValueError(
+                f"{self._owner}: the state has shape {tuple(jnp.shape(state))} but the input needs "
+                f"{expected}; call reset_state(batch_size={step_batch[0] if len(step_batch) == 1 else step_batch}) "
+                f"(or init_state) first."
+            )
+        offset = x_m.ndim - len(self.in_size) - (1 if multi else 0)
+        y, activity = neu_norm(
+            _units.attach(x_m, unit), self.w.value, state, k=self.k,
+            feature_axes=tuple(offset + a for a in self.feature_axes), multi_step=multi,
+        )
+        self.activity.value = _units.split(activity)[0].astype(jnp.result_type(state))
+        return y
+
+
+def _check_unit_interval(owner, option, value):
+    if isinstance(value, (bool, str, bytes)) or np.ndim(value) != 0 or np.asarray(value).dtype.kind not in "iuf":
+        raise TypeError(f"{owner}: {option} must be a number in [0, 1], got {type(value).__name__} {value!r}.")
+    as_float = float(np.asarray(value))
+    if not 0.0 <= as_float <= 1.0:
+        raise ValueError(f"{owner}: {option} must be a number in [0, 1], got {value!r}.")
+    return as_float

@@ -1,0 +1,457 @@
+r"""Statistics of the spiking-network normalizations: TAB and NeuNorm.
+
+Pure functions on arrays and :class:`brainunit.Quantity`, built on the
+statistics core (:mod:`brainnorm._stats`); the layers of
+:mod:`brainnorm._spiking` hold states and call them.
+
+``temporal_accumulated_batch_norm``
+    Temporal accumulated batch normalization (TAB; Jiang et al., ICLR 2024):
+    the statistics of step ``t`` are those of steps ``0..t`` together.
+    Each step is reduced by :func:`brainnorm._stats.compute_moments` (shifted
+    two-pass moments, masks, ``axis_name``); the per-step moments are then
+    re-expressed around one shift ``k`` for the whole sequence (the shift of
+    its first step, a value inside the data) and summed cumulatively over
+    time, which is Chan, Golub and LeVeque's pairwise update applied along the
+    time axis. The output is formed in the shifted domain,
+    ``((x - k) - E[x - k]) / std``, so a large offset ``|mean| >> std`` costs
+    no digits. The sums of a sequence so far (:class:`AccumulatedSums`) can be
+    passed in and are returned, so that one step at a time gives what a whole
+    sequence gives.
+
+``neu_norm``
+    NeuNorm (Wu et al., AAAI 2019): an auxiliary state driven by the
+    channel sum of the input spikes, subtracted with a learned weight.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from . import _units
+from ._stats import (
+    Moments,
+    Reduction,
+    abs_sq,
+    apply_moments,
+    compute_moments,
+    given_moments,
+    output_dtype,
+    running_update,
+    stats_dtype,
+)
+from ._validation import (
+    canonical_axes,
+    check_epsilon,
+    check_mask,
+    check_momentum,
+    check_momentum_shape,
+    check_running_statistics,
+)
+
+__all__ = ["AccumulatedSums", "temporal_accumulated_batch_norm", "neu_norm"]
+
+
+class AccumulatedSums(NamedTuple):
+    """Sums of a sequence so far, per statistic (the reduced axes kept with size 1, no time axis).
+
+    Plain arrays in the unit of the statistics (the running statistics' unit,
+    else the input's).
+
+    Attributes
+    ----------
+    count : Array
+        Number of valid elements seen (0 starts a new sequence).
+    shift : Array
+        The sequence's shift ``k`` (a value inside the data of its first step).
+    total : Array
+        Sum of ``x - k`` over the valid elements.
+    total_sq : Array
+        Sum of ``|x - k|^2`` over the valid elements.
+    """
+
+    count: jax.Array
+    shift: jax.Array
+    total: jax.Array
+    total_sq: jax.Array
+
+
+def _is_static(count) -> bool:
+    """A count known at trace time (NumPy), the same for every statistic of a step."""
+    return not isinstance(count, jax.Array)
+
+
+def _statistics_unit(owner, x, unit, running_mean, running_var):
+    """``x`` and the running statistics as plain arrays in one unit: theirs if they have one, else the input's."""
+    mean_unit = _units.split(running_mean)[1] if running_mean is not None else None
+    stats_unit = mean_unit if mean_unit is not None else unit
+    if unit != stats_unit:
+        x = jnp.asarray(_units.in_unit(owner, "x", _units.attach(x, unit), stats_unit))
+    if running_mean is None:
+        return x, stats_unit, None, None
+    var_unit = None if stats_unit is None else stats_unit**2
+    if mean_unit is not None:
+        mean = _units.in_unit(owner, "running_mean", running_mean, stats_unit)
+        var = _units.in_unit(owner, "running_var", running_var, var_unit)
+    else:
+        mean = _units.split(running_mean)[0]
+        var = _units.split(running_var)[0]
+        if _units.split(running_var)[1] is not None:
+            var = _units.in_unit(owner, "running_var", running_var, var_unit)
+    return x, stats_unit, jnp.asarray(mean), jnp.asarray(var)
+
+
+def _per_step(owner, option, value, steps, ndim):
+    """A per-step array (``p``) of ``steps`` entries, shaped ``(steps, 1, ..., 1)`` for rank ``ndim``."""
+    value = jnp.asarray(_units.in_unit(owner, option, value, None))
+    if value.size != steps and value.size != 1:
+        raise ValueError(
+            f"{owner}: {option} must have one entry per time step ({steps}), got shape {value.shape}."
+        )
+    return jnp.reshape(value, (-1,) + (1,) * (ndim - 1))
+
+
+def _accumulated_in(owner, accumulated, stat_shape, dtype):
+    """``accumulated`` as arrays of ``stat_shape`` (one entry per statistic) in ``dtype``."""
+    if not isinstance(accumulated, tuple) or len(accumulated) != 4:
+        raise TypeError(
+            f"{owner}: accumulated must be an AccumulatedSums (count, shift, total, total_sq), got "
+            f"{type(accumulated).__name__}."
+        )
+    size = int(np.prod(stat_shape))
+    values = []
+    for name, value in zip(AccumulatedSums._fields, accumulated):
+        value = jnp.asarray(_units.split(value)[0])
+        if value.size != size:
+            raise ValueError(
+                f"{owner}: accumulated.{name} must have one entry per statistic ({size}, shape "
+                f"{tuple(stat_shape)}), got shape {value.shape}."
+            )
+        values.append(jnp.reshape(value, stat_shape).astype(dtype))
+    return AccumulatedSums(*values)
+
+
+def _accumulate(step_moments: Moments, accumulated):
+    """Statistics of steps ``0..t`` for every ``t`` from per-step moments, and the sums after the last step.
+
+    Each step's moments are re-expressed around the sequence's shift ``k``
+    (sums of ``x - k`` and ``|x - k|^2``) and summed cumulatively along the
+    time axis (axis 0). ``accumulated`` holds the sums of earlier steps of the
+    same sequence (None: the sequence starts here). Where nothing has been
+    seen yet, ``k`` is this call's first step's shift.
+    """
+    var = step_moments.var
+    real = var.dtype
+    steps = var.shape[0]
+    first_shift = (jnp.zeros_like(step_moments.delta[:1]) if step_moments.shift is None
+                   else step_moments.shift[:1])
+    count = step_moments.count
+    if _is_static(count):
+        # unmasked, single device: every statistic of a step counts the same
+        step_count = np.full((steps,) + (1,) * (var.ndim - 1), count, dtype=np.dtype(real))
+    else:
+        step_count = jnp.broadcast_to(jnp.asarray(count, real), var.shape)
+    if accumulated is None:
+        shift = first_shift
+    else:
+        seen = accumulated.count[None] > 0
+        shift = jnp.where(seen, accumulated.shift[None].astype(first_shift.dtype), first_shift)
+    shift = jax.lax.stop_gradient(shift)
+    # offset of each step's mean from k: (own shift - k) + (mean - own shift), small for steady data
+    if step_moments.shift is None:
+        offset = step_moments.delta - shift
+    else:
+        offset = (step_moments.shift - shift) + step_moments.delta
+    total = jnp.cumsum(step_count * offset, axis=0)
+    total_sq = jnp.cumsum(step_count * (var + abs_sq(offset)), axis=0)
+    if _is_static(step_count) and accumulated is None:
+        count = np.cumsum(step_count, axis=0).astype(np.dtype(real))
+    else:
+        count = jnp.cumsum(jnp.asarray(step_count, real), axis=0)
+    if accumulated is not None:
+        # entries that have seen nothing start anew, whatever their sums hold
+        total = total + jnp.where(seen, accumulated.total[None], 0).astype(total.dtype)
+        total_sq = total_sq + jnp.where(seen, accumulated.total_sq[None], 0).astype(real)
+        count = count + jnp.where(seen, accumulated.count[None], 0).astype(real)
+    n = np.maximum(count, 1) if _is_static(count) else jnp.maximum(count, 1)
+    delta = total / n
+    cumulative_var = jnp.maximum(total_sq / n - abs_sq(delta), 0)
+    last = AccumulatedSums(
+        count=jnp.broadcast_to(jnp.asarray(count[-1], real), var.shape[1:]),
+        shift=jnp.broadcast_to(shift[0], var.shape[1:]),
+        total=jnp.broadcast_to(total[-1], var.shape[1:]),
+        total_sq=jnp.broadcast_to(total_sq[-1], var.shape[1:]),
+    )
+    moments = Moments(shift=shift, delta=delta, var=cumulative_var, count=count)
+    return moments, last
+
+
+def temporal_accumulated_batch_norm(
+    x,
+    running_mean=None,
+    running_var=None,
+    scale=None,
+    bias=None,
+    p=None,
+    *,
+    training: bool,
+    feature_axes=-1,
+    momentum=0.99,
+    epsilon=1e-5,
+    mask=None,
+    unbiased_running_var: bool = False,
+    accumulated=None,
+    return_accumulated: bool = False,
+    axis_name=None,
+    axis_index_groups=None,
+    use_fast_variance: bool = False,
+    dtype=None,
+):
+    r"""Temporal accumulated batch normalization, TAB (Jiang et al., ICLR 2024).
+
+    ``x`` is time-major, ``(T, ...)``. The statistics of step ``t`` are taken
+    over the steps ``0..t`` together (and every axis but axis 0 and
+    ``feature_axes``):
+
+    .. math::
+
+        \mu_t = \frac{1}{N_t}\sum_{s \le t}\sum_i x_{s,i}, \qquad
+        \sigma_t^2 = \frac{1}{N_t}\sum_{s \le t}\sum_i |x_{s,i} - \mu_t|^2, \qquad
+        y_t = p_t^2 \left(\gamma_t \frac{x_t - \mu_t}{\sqrt{\sigma_t^2 + \epsilon}} + \beta_t\right)
+
+    with :math:`N_t` the number of valid elements of steps ``0..t``. In
+    training the running statistics of step ``t`` are updated with
+    :math:`\mu_t, \sigma_t^2` (``unbiased_running_var``: with
+    :math:`\sigma_t^2 N_t / (N_t - 1)`); in evaluation (``training=False``)
+    step ``t`` is normalized with its running statistics. Without running
+    statistics both modes use the accumulated batch statistics.
+
+    Parameters
+    ----------
+    x : array_like or Quantity
+        ``(T, ...)``, time first.
+    running_mean, running_var : array_like or Quantity, optional
+        One entry per step and statistic: the shape of the statistics,
+        ``(T, ...)`` with 1 at the reduced axes (e.g. ``(T, 1, C)`` for
+        ``(T, B, C)`` input). Returned updated, in the same unit.
+    scale, bias : array_like or Quantity, optional
+        :math:`\gamma_t, \beta_t`, broadcastable to ``x`` (e.g. ``(T, 1, C)``).
+    p : array_like, optional
+        :math:`p_t`, shape ``(T,)`` (the output is scaled by ``p ** 2``).
+    training : bool
+    feature_axes : int or sequence of int
+        Kept axes of ``x`` (channels); not axis 0.
+    momentum : float or array
+        Weight of the old running value (flax/brainstate convention; PyTorch's
+        momentum is ``1 - momentum``); an array broadcastable to the running
+        statistics gives one value per step.
+    epsilon : float or Quantity
+        Added to the variance, in the squared unit of the statistics.
+    mask : array_like of bool, optional
+        Valid positions, broadcastable to ``x``; left out of every statistic.
+    unbiased_running_var : bool
+        Update the running variance with the unbiased variance, counting every
+        valid element of steps ``0..t``.
+    accumulated : AccumulatedSums, optional
+        Sums of the earlier steps of this sequence (from a previous call with
+        ``return_accumulated=True``); None starts a new sequence. Entries with
+        ``count == 0`` start anew too.
+    return_accumulated : bool
+        Also return the sums after the last step of ``x`` (unchanged when the
+        running statistics are used).
+    axis_name, axis_index_groups : optional
+        Mapped axis to reduce over as well (exact sums and counts).
+    use_fast_variance : bool
+        One-pass per-step variance.
+    dtype : dtype, optional
+        Output dtype (default the input's floating dtype).
+
+    Returns
+    -------
+    y, new_running_mean, new_running_var[, accumulated]
+        The running statistics are None when not given.
+
+    Raises
+    ------
+    ValueError
+        ``x`` without a time axis, ``feature_axes`` containing axis 0 or out of
+        range, running statistics or ``p`` of the wrong shape, a mask that does
+        not broadcast.
+    TypeError
+        Floating mask, bad epsilon or momentum.
+
+    References
+    ----------
+    Jiang, Zoonekynd, De Masi, Ballester. TAB: Temporal Accumulated Batch
+    Normalization in Spiking Neural Networks. ICLR 2024.
+
+    Examples
+    --------
+    >>> import jax.numpy as jnp
+    >>> from brainnorm._spiking_functional import temporal_accumulated_batch_norm
+    >>> x = jnp.array([[[0.0], [2.0]], [[4.0], [6.0]]])       # (T=2, B=2, C=1)
+    >>> y, _, _ = temporal_accumulated_batch_norm(x, training=True, epsilon=1e-12)
+    >>> y[0].ravel().tolist(), [round(v, 4) for v in y[1].ravel().tolist()]
+    ([-1.0, 1.0], [0.4472, 1.3416])
+    """
+    owner = "temporal_accumulated_batch_norm"
+    check_epsilon(owner, epsilon)
+    momentum = check_momentum(owner, momentum, allow_none=False)
+    x_m, unit = _units.split(x)
+    x_m = jnp.asarray(x_m)
+    if x_m.ndim < 1:
+        raise ValueError(f"{owner}: x must have a leading time axis (T, ...), got shape {x_m.shape}.")
+    mask = check_mask(owner, mask, x_m.shape)
+    feature = canonical_axes(owner, "feature_axes", feature_axes, x_m.ndim, allow_empty=True)
+    if 0 in feature:
+        raise ValueError(f"{owner}: feature_axes must not include the time axis 0, got {feature_axes!r}.")
+    axes = tuple(a for a in range(1, x_m.ndim) if a not in feature)
+    kept = tuple(1 if a in axes else d for a, d in enumerate(x_m.shape))
+    check_running_statistics(owner, running_mean, running_var, kept)
+    x_m, stats_unit, mean, var = _statistics_unit(owner, x_m, unit, running_mean, running_var)
+    if mean is not None:
+        check_momentum_shape(owner, momentum, mean.shape)
+    steps = x_m.shape[0]
+    weight = None if p is None else jnp.square(_per_step(owner, "p", p, steps, x_m.ndim))
+    eps = _units.epsilon_value(owner, epsilon, stats_unit)
+    scale_m, bias_m, out_unit = _units.affine_units(owner, scale, bias)
+    if weight is not None:
+        # p_t^2 (gamma_t x_hat + beta_t) = x_hat (p_t^2 gamma_t) + p_t^2 beta_t
+        scale_m = weight if scale_m is None else weight * scale_m
+        bias_m = None if bias_m is None else weight * bias_m
+    out_dtype = output_dtype(x_m.dtype, dtype)
+    sdtype = stats_dtype(x_m.dtype)
+    stat_shape = kept[1:]
+    if accumulated is not None:
+        accumulated = _accumulated_in(owner, accumulated, stat_shape, jnp.zeros((), sdtype).real.dtype)
+
+    if mean is not None and not training:
+        stats = given_moments(mean, var, sdtype)
+        y = apply_moments(x_m, stats, epsilon=eps, scale=scale_m, bias=bias_m, out_dtype=out_dtype)
+        new_mean, new_var, last = mean, var, accumulated
+    else:
+        groups = None if axis_index_groups is None else tuple(tuple(int(i) for i in g) for g in axis_index_groups)
+        step_moments = compute_moments(
+            x_m, axes, mask=mask, use_fast_variance=bool(use_fast_variance), axis_name=axis_name,
+            axis_index_groups=groups,
+        )
+        stats, last = _accumulate(step_moments, accumulated)
+        y = apply_moments(x_m, stats, epsilon=eps, scale=scale_m, bias=bias_m, out_dtype=out_dtype)
+        new_mean = new_var = None
+        if mean is not None:
+            new_mean, new_var = running_update(
+                mean, var, stats.mean, stats.var, stats.count, momentum, unbiased_var=unbiased_running_var
+            )
+    result = (_units.attach(y, out_unit),)
+    if new_mean is None:
+        result += (None, None)
+    else:
+        result += (_units.attach(new_mean, stats_unit),
+                   _units.attach(new_var, None if stats_unit is None else stats_unit**2))
+    if return_accumulated:
+        result += (last,)
+    return result
+
+
+def _check_decay(owner, k):
+    """``k`` as a Python float in [0, 1]."""
+    if isinstance(k, (bool, str, bytes)) or np.ndim(k) != 0 or np.asarray(k).dtype.kind not in "iuf":
+        raise TypeError(f"{owner}: k must be a number in [0, 1], got {type(k).__name__} {k!r}.")
+    value = float(np.asarray(k))
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{owner}: k must be a number in [0, 1], got {k!r}.")
+    return value
+
+
+def neu_norm(x, weight, state=None, *, k=0.9, feature_axes=-1, multi_step=False):
+    r"""NeuNorm (Wu et al., AAAI 2019): subtract the recent channel-summed activity.
+
+    .. math::
+
+        a_t = k\, a_{t-1} + \frac{1 - k}{C^2} \sum_c s_t[c], \qquad y_t = s_t - w\, a_t
+
+    per sample and non-feature position, with ``C`` channels (the entries of
+    the feature axes). Equal to spikingjelly 2.0's ``functional.neunorm_step``
+    with ``momentum = k`` and ``input_scale = (1 - k) / C**2``.
+
+    Parameters
+    ----------
+    x : array_like or Quantity
+        Input spikes ``s_t``: one step ``(...)`` or, with ``multi_step``, a
+        sequence ``(T, ...)``.
+    weight : array_like
+        ``w``, broadcastable to one step of ``x``.
+    state : array_like or Quantity, optional
+        ``a_{t-1}``: one step of ``x`` with 1 at the feature axes (in the unit
+        of ``x``); None starts from 0.
+    k : float
+        Decay of the state, in [0, 1].
+    feature_axes : int or sequence of int
+        Channel axes, counted on one step of ``x`` (negative from the end).
+    multi_step : bool
+        ``x`` is ``(T, ...)``: the steps are taken in order.
+
+    Returns
+    -------
+    y, new_state
+        ``y`` like ``x``; ``new_state`` is ``a`` after the last step.
+
+    References
+    ----------
+    Wu, Deng, Li, Zhu, Xie, Shi. Direct Training for Spiking Neural Networks:
+    Faster, Larger, Better. AAAI 2019.
+
+    Examples
+    --------
+    >>> import jax.numpy as jnp
+    >>> from brainnorm._spiking_functional import neu_norm
+    >>> y, a = neu_norm(jnp.array([[1.0, 1.0]]), jnp.ones(2), k=0.5)   # a = 0.5 / 4 * 2
+    >>> y.tolist(), a.tolist()
+    ([[0.75, 0.75]], [[0.25]])
+    """
+    owner = "neu_norm"
+    k = _check_decay(owner, k)
+    x_m, unit = _units.split(x)
+    x_m = jnp.asarray(x_m)
+    step_ndim = x_m.ndim - (1 if multi_step else 0)
+    if step_ndim < 1:
+        raise ValueError(
+            f"{owner}: x must have a channel axis{' after the time axis' if multi_step else ''}, "
+            f"got shape {x_m.shape}."
+        )
+    feature = canonical_axes(owner, "feature_axes", feature_axes, step_ndim)
+    offset = 1 if multi_step else 0
+    reduce_axes = tuple(a + offset for a in feature)
+    channels = int(np.prod([x_m.shape[a] for a in reduce_axes]))
+    if not jnp.issubdtype(x_m.dtype, jnp.floating):
+        x_m = x_m.astype(output_dtype(x_m.dtype))
+    weight_m = jnp.asarray(_units.in_unit(owner, "weight", weight, None))
+    # the channel sum of every step at once; the recursion over time is then on small arrays
+    drive = Reduction(reduce_axes).total(x_m) * ((1.0 - k) / channels**2)
+    step_shape = drive.shape[offset:]
+    if state is None:
+        previous = jnp.zeros(step_shape, drive.dtype)
+    else:
+        previous = _units.in_unit(owner, "state", state, unit)
+        previous = jnp.asarray(previous)
+        try:
+            np.broadcast_shapes(previous.shape, step_shape)
+        except ValueError:
+            raise ValueError(
+                f"{owner}: state must broadcast to {step_shape} (one step of x with 1 at the feature "
+                f"axes), got shape {previous.shape}."
+            ) from None
+        previous = jnp.broadcast_to(previous, step_shape).astype(drive.dtype)
+    if multi_step:
+        def step(a, d):
+            a = k * a + d
+            return a, a
+
+        last, activity = jax.lax.scan(step, previous, drive)
+    else:
+        activity = last = k * previous + drive
+    y = (x_m - weight_m * activity).astype(x_m.dtype)
+    return _units.attach(y, unit), _units.attach(last.astype(drive.dtype), unit)
