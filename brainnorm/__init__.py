@@ -6,7 +6,7 @@ Layers are ``brainstate.nn.Module`` subclasses built on the pure functions of
 
 from . import functional
 from ._backend import backend_info, warn_about_environment
-from ._batch_norm import BatchNorm0d, BatchNorm1d, BatchNorm2d, BatchNorm3d
+from ._batch_norm import BatchNorm0d, BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchRenorm
 from ._deploy import fold_batch_norm, fold_threshold
 from ._divisive import GDN, DivisiveNormalization, DynamicDivisiveNormalization
 from ._group_norm import GroupNorm, InstanceNorm
@@ -29,6 +29,7 @@ __all__ = [
     "BatchNorm1d",
     "BatchNorm2d",
     "BatchNorm3d",
+    "BatchRenorm",
     "LayerNorm",
     "RMSNorm",
     "GroupNorm",

@@ -15,6 +15,7 @@ from ._validation import (
     canonical_axes,
     canonical_in_size,
     check_axis_name,
+    check_broadcasts,
     check_dtype,
     check_epsilon,
     check_flag,
@@ -102,6 +103,30 @@ class _Normalization(brainstate.nn.Module):
         n_batch = check_trailing_shape(self._owner, x_m.shape, self.in_size)
         mask = check_mask(self._owner, mask, x_m.shape)
         return x_m, unit, mask, n_batch
+
+    def _call_affine(self, shape, learned, scale=None, bias=None):
+        """``(scale, bias)`` for this call: the learned parameters, or values given at call time.
+
+        Conditional normalization (AdaLN, FiLM): a call-time ``scale`` or
+        ``bias`` (broadcastable to the input, e.g. ``(B, 1, C)`` per sample)
+        takes the place of a parameter the layer was built without
+        (``use_scale=False`` / ``use_bias=False``); giving one the layer
+        learns is an error. ``learned`` is the layer's own ``(scale, bias)``.
+        """
+        result = []
+        for option, given, own in zip(("scale", "bias"), (scale, bias), learned):
+            if given is None:
+                result.append(own)
+                continue
+            if own is not None:
+                raise ValueError(
+                    f"{self._owner}: {option} given at call time needs a layer built with use_{option}=False "
+                    f"(this layer learns its own {option}), got {option} of shape "
+                    f"{tuple(jnp.shape(getattr(given, 'mantissa', given)))}."
+                )
+            check_broadcasts(self._owner, option, given, shape)
+            result.append(given)
+        return tuple(result)
 
     def _affine_state(self, feature_shape, *, use_scale, use_bias, scale_init, bias_init, param_dtype, param_type):
         """A ``param_type`` holding ``{'scale', 'bias'}`` as requested (None if neither)."""

@@ -1,17 +1,23 @@
-"""Batch normalization layers (BatchNorm0d/1d/2d/3d)."""
+"""Batch normalization layers (BatchNorm0d/1d/2d/3d) and batch renormalization (BatchRenorm)."""
 
 from __future__ import annotations
 
 import brainstate
+import numpy as np
 
+from . import _units
+from . import functional as F
 from ._base import _affine_values, _Normalization, _pick, _RunningStatistics
 from ._states import NormalizationParamState
+from ._validation import check_real
 
-__all__ = ["BatchNorm0d", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
+__all__ = ["BatchNorm0d", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchRenorm"]
 
 
 class _BatchNorm(_RunningStatistics, _Normalization):
-    num_spatial_dims: int
+    """Shared construction and call of the batch-statistics layers; ``num_spatial_dims`` None: any rank 1-4."""
+
+    num_spatial_dims: int | None = None
 
     def __init__(
         self,
@@ -42,10 +48,15 @@ class _BatchNorm(_RunningStatistics, _Normalization):
     ):
         super().__init__(in_size, name=name)
         owner = self._owner
-        expected_rank = self.num_spatial_dims + 1
-        if len(self.in_size) != expected_rank:
+        if self.num_spatial_dims is None:
+            if not 1 <= len(self.in_size) <= 4:
+                raise ValueError(
+                    f"{owner}: in_size must have 1 to 4 entries (up to 3 spatial dims and the channels), "
+                    f"got {self.in_size}."
+                )
+        elif len(self.in_size) != self.num_spatial_dims + 1:
             raise ValueError(
-                f"{owner}: in_size must have {expected_rank} entries (spatial dims and channels), "
+                f"{owner}: in_size must have {self.num_spatial_dims + 1} entries (spatial dims and channels), "
                 f"got {self.in_size}."
             )
         self.affine = bool(affine)
@@ -63,7 +74,7 @@ class _BatchNorm(_RunningStatistics, _Normalization):
             mean_type=mean_type, unit=unit,
         )
 
-    def update(self, x, mask=None, *, use_running_average=None):
+    def update(self, x, mask=None, *, use_running_average=None, scale=None, bias=None):
         """Normalize ``x`` of shape ``(*batch, *in_size)``.
 
         Parameters
@@ -74,6 +85,12 @@ class _BatchNorm(_RunningStatistics, _Normalization):
             Valid positions, broadcastable to ``x``.
         use_running_average : bool, optional
             Overrides the constructor's choice and ``environ['fit']``.
+        scale, bias : array_like or Quantity, optional
+            Conditional normalization (FiLM): values given at call time,
+            broadcastable to ``x`` (e.g. ``(B, 1, C)`` per sample), used in place
+            of the learned parameter of that kind; only for a layer built
+            without it (``use_scale=False`` / ``use_bias=False``), else
+            ``ValueError``.
 
         Returns
         -------
@@ -82,12 +99,12 @@ class _BatchNorm(_RunningStatistics, _Normalization):
         """
         x_m, unit, mask, n_batch = self._prepare_input(x, mask)
         training = self._is_training(use_running_average)
-        scale, bias = _affine_values(self.weight)
+        scale, bias = self._call_affine(x_m.shape, _affine_values(self.weight), scale, bias)
         running = None
         if self.track_running_stats:
             self._stats_unit(x_m, unit)  # clear errors for units that do not fit, before anything runs
             running = (self.running_mean.value, self.running_var.value)
-        y, new_mean, new_var = self._batch_norm(
+        y, new_mean, new_var = self._normalize_batch(
             x_m, unit, mask, self._x_axes(self.feature_axes, x_m.ndim), training, scale, bias, running
         )
         if running is not None and training:
@@ -95,6 +112,9 @@ class _BatchNorm(_RunningStatistics, _Normalization):
             self.running_var.value = new_var
             self.num_batches_tracked.value = self.num_batches_tracked.value + 1
         return y
+
+    def _normalize_batch(self, x_m, unit, mask, feature_axes, training, scale, bias, running):
+        return self._batch_norm(x_m, unit, mask, feature_axes, training, scale, bias, running)
 
 
 _BATCH_NORM_DOC = r"""{rank} batch normalization (Ioffe and Szegedy, 2015).
@@ -196,16 +216,156 @@ _BATCH_NORM_DOC = r"""{rank} batch normalization (Ioffe and Szegedy, 2015).
     """
 
 
-def _make(name, dims, layout, example_size, example_numel):
-    cls = type(name, (_BatchNorm,), {"num_spatial_dims": dims, "__module__": __name__})
-    cls.__doc__ = _BATCH_NORM_DOC.format(
+def _doc(name, dims, layout, example_size, example_numel):
+    return _BATCH_NORM_DOC.format(
         rank=f"{dims}-D" if dims else "0-D (feature vector)", in_rank=dims + 1, layout=layout, name=name,
         example_size=example_size, example_numel=example_numel,
     )
-    return cls
 
 
-BatchNorm0d = _make("BatchNorm0d", 0, "``(C,)``", "3", 3)
-BatchNorm1d = _make("BatchNorm1d", 1, "``(L, C)`` channels last", "(4, 3)", 12)
-BatchNorm2d = _make("BatchNorm2d", 2, "``(H, W, C)`` channels last", "(2, 2, 3)", 12)
-BatchNorm3d = _make("BatchNorm3d", 3, "``(D, H, W, C)`` channels last", "(2, 2, 2, 3)", 24)
+class BatchNorm0d(_BatchNorm):
+    __doc__ = _doc("BatchNorm0d", 0, "``(C,)``", "3", 3)
+    num_spatial_dims = 0
+
+
+class BatchNorm1d(_BatchNorm):
+    __doc__ = _doc("BatchNorm1d", 1, "``(L, C)`` channels last", "(4, 3)", 12)
+    num_spatial_dims = 1
+
+
+class BatchNorm2d(_BatchNorm):
+    __doc__ = _doc("BatchNorm2d", 2, "``(H, W, C)`` channels last", "(2, 2, 3)", 12)
+    num_spatial_dims = 2
+
+
+class BatchNorm3d(_BatchNorm):
+    __doc__ = _doc("BatchNorm3d", 3, "``(D, H, W, C)`` channels last", "(2, 2, 2, 3)", 24)
+    num_spatial_dims = 3
+
+
+class BatchRenorm(_BatchNorm):
+    r"""Batch renormalization (Ioffe, 2017) for any rank of ``in_size``.
+
+    In training, with the batch statistics :math:`\mu_B, \sigma_B^2`,
+    :math:`s_B = \sqrt{\sigma_B^2 + \epsilon}` and
+    :math:`s = \sqrt{\hat\sigma^2 + \epsilon}` of the running variance:
+
+    .. math::
+
+        r = \mathrm{clip}(s_B / s, 1/r_{max}, r_{max}), \quad
+        d = \mathrm{clip}((\mu_B - \hat\mu) / s, -d_{max}, d_{max}), \quad
+        y = \gamma \left(\frac{x - \mu_B}{s_B} r + d\right) + \beta
+
+    with ``r`` and ``d`` held constant under differentiation (the gradient is
+    that of a batch normalization with a fixed affine correction). While
+    ``num_batches_tracked < warmup_steps`` (counted before this step),
+    ``r = 1`` and ``d = 0``: batch normalization. The running statistics are
+    updated as in :class:`BatchNorm1d`; evaluation normalizes with them.
+    Channels without a valid entry normalize to the bias.
+
+    One class for every rank (``in_size`` of 1 to 4 entries, channels last by
+    default), with every option of the BatchNorm layers (masks,
+    ``axis_name``, units, ``unbiased_running_var``, ``momentum=None``, ...).
+    It equals torchrl's ``BatchRenorm1d(smooth=False)`` with ``momentum = 1 -
+    torchrl_momentum`` and ``unbiased_running_var=True`` during torchrl's
+    first ``2 * warmup_steps`` steps; torchrl's warm-up factor
+    ``num_batches_tracked // warmup_steps`` keeps growing after that (its
+    counter is never clamped) and scales the correction by 2, 3, ... here it
+    stays 1.
+
+    Parameters
+    ----------
+    in_size : int or sequence of int
+        Per-sample shape without batch axes: ``(C,)``, ``(L, C)``, ``(H, W, C)``
+        or ``(D, H, W, C)``.
+    feature_axis : int or sequence of int
+        Channel axis counted within ``in_size``.
+    r_max : float
+        Largest correction of the scale, ``>= 1`` (``r`` in ``[1/r_max, r_max]``).
+    d_max : float
+        Largest correction of the shift, ``>= 0``.
+    warmup_steps : int
+        Training steps of plain batch normalization before the correction.
+    momentum, epsilon, affine, use_scale, use_bias, scale_init, bias_init, ...
+        As in :class:`BatchNorm1d` (default ``momentum=0.99``, ``epsilon=1e-5``).
+
+    References
+    ----------
+    Ioffe. Batch Renormalization: Towards Reducing Minibatch Dependence in
+    Batch-Normalized Models. NeurIPS 2017.
+
+    Examples
+    --------
+    >>> import brainstate, jax.numpy as jnp, brainnorm
+    >>> brn = brainnorm.BatchRenorm(3, warmup_steps=100)
+    >>> with brainstate.environ.context(fit=True):
+    ...     y = brn(jnp.arange(12.0).reshape(4, 3))
+    >>> y.shape, int(brn.num_batches_tracked.value)
+    ((4, 3), 1)
+    """
+
+    num_spatial_dims = None
+
+    def __init__(
+        self,
+        in_size,
+        feature_axis=-1,
+        *,
+        r_max=3.0,
+        d_max=5.0,
+        warmup_steps: int = 0,
+        track_running_stats: bool = True,
+        epsilon=1e-5,
+        momentum=0.99,
+        affine: bool = True,
+        use_scale=None,
+        use_bias=None,
+        bias_initializer=None,
+        scale_initializer=None,
+        bias_init=None,
+        scale_init=None,
+        axis_name=None,
+        axis_index_groups=None,
+        use_fast_variance: bool = False,
+        unbiased_running_var: bool = False,
+        use_running_average=None,
+        name=None,
+        dtype=None,
+        param_dtype=None,
+        param_type=NormalizationParamState,
+        mean_type=brainstate.ShortTermState,
+        unit=None,
+    ):
+        super().__init__(
+            in_size, feature_axis, track_running_stats=track_running_stats, epsilon=epsilon, momentum=momentum,
+            affine=affine, use_scale=use_scale, use_bias=use_bias, bias_initializer=bias_initializer,
+            scale_initializer=scale_initializer, bias_init=bias_init, scale_init=scale_init, axis_name=axis_name,
+            axis_index_groups=axis_index_groups, use_fast_variance=use_fast_variance,
+            unbiased_running_var=unbiased_running_var, use_running_average=use_running_average, name=name,
+            dtype=dtype, param_dtype=param_dtype, param_type=param_type, mean_type=mean_type, unit=unit,
+        )
+        owner = self._owner
+        self.r_max = check_real(owner, "r_max", r_max)
+        if self.r_max < 1:
+            raise ValueError(f"{owner}: r_max must be a finite real number >= 1, got {r_max!r}.")
+        self.d_max = check_real(owner, "d_max", d_max)
+        if self.d_max < 0:
+            raise ValueError(f"{owner}: d_max must be a finite real number >= 0, got {d_max!r}.")
+        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, (int, np.integer)):
+            raise TypeError(f"{owner}: warmup_steps must be a non-negative int, got "
+                            f"{type(warmup_steps).__name__} {warmup_steps!r}.")
+        if warmup_steps < 0:
+            raise ValueError(f"{owner}: warmup_steps must be a non-negative int, got {warmup_steps!r}.")
+        self.warmup_steps = int(warmup_steps)
+
+    def _normalize_batch(self, x_m, unit, mask, feature_axes, training, scale, bias, running):
+        if running is None:  # no running statistics: no correction, batch normalization
+            return self._batch_norm(x_m, unit, mask, feature_axes, training, scale, bias, running)
+        active = self.num_batches_tracked.value >= self.warmup_steps
+        return F.batch_renorm(
+            _units.attach(x_m, unit), running[0], running[1], scale, bias, training=training, r_max=self.r_max,
+            d_max=self.d_max, renormalize=active, feature_axes=feature_axes, momentum=self._effective_momentum(),
+            epsilon=self.epsilon, mask=mask, unbiased_running_var=self.unbiased_running_var,
+            axis_name=self.axis_name, axis_index_groups=self.axis_index_groups,
+            use_fast_variance=self.use_fast_variance, dtype=self.dtype,
+        )

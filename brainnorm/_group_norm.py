@@ -126,7 +126,7 @@ class GroupNorm(_Normalization):
             scale_init=scale_init, bias_init=bias_init, param_dtype=param_dtype, param_type=param_type,
         )
 
-    def update(self, x, mask=None):
+    def update(self, x, mask=None, *, scale=None, bias=None):
         """Normalize ``x`` of shape ``(*batch, *in_size)``.
 
         Parameters
@@ -134,13 +134,19 @@ class GroupNorm(_Normalization):
         x : array_like or Quantity
         mask : array_like of bool, optional
             Broadcastable to ``x``; a ``(B, T, 1)`` mask works for ``(B, T, C)``.
+        scale, bias : array_like or Quantity, optional
+            Conditional normalization (AdaLN, FiLM): values given at call time,
+            broadcastable to ``x`` (e.g. ``(B, 1, C)`` per sample), used in place
+            of the learned parameter of that kind; only for a layer built
+            without it (``use_scale=False`` / ``use_bias=False``), else
+            ``ValueError``.
 
         Returns
         -------
         Array
         """
         x_m, unit, mask, _ = self._prepare_input(x, mask)
-        scale, bias = _affine_values(self.weight)
+        scale, bias = self._call_affine(x_m.shape, _affine_values(self.weight), scale, bias)
         n_batch = x_m.ndim - len(self.in_size)
         return F.group_norm(
             _units.attach(x_m, unit), self.num_groups, scale, bias,
@@ -253,7 +259,7 @@ class InstanceNorm(_RunningStatistics, _Normalization):
                 f"statistics over, got in_size={self.in_size} with feature_axis={feature_axis!r}."
             )
 
-    def update(self, x, mask=None, *, use_running_average=None):
+    def update(self, x, mask=None, *, use_running_average=None, scale=None, bias=None):
         """Normalize ``x`` of shape ``(*batch, *in_size)``.
 
         Parameters
@@ -262,13 +268,19 @@ class InstanceNorm(_RunningStatistics, _Normalization):
         mask : array_like of bool, optional
         use_running_average : bool, optional
             Only meaningful with ``track_running_stats=True``.
+        scale, bias : array_like or Quantity, optional
+            Conditional normalization (AdaLN, FiLM): values given at call time,
+            broadcastable to ``x`` (e.g. ``(B, 1, C)`` per sample), used in place
+            of the learned parameter of that kind; only for a layer built
+            without it (``use_scale=False`` / ``use_bias=False``), else
+            ``ValueError``.
 
         Returns
         -------
         Array
         """
         x_m, unit, mask, n_batch = self._prepare_input(x, mask)
-        scale, bias = _affine_values(self.weight)
+        scale, bias = self._call_affine(x_m.shape, _affine_values(self.weight), scale, bias)
         training = self._is_training(use_running_average)
         options = dict(
             feature_axis=self._x_axes(self.feature_axes, x_m.ndim), epsilon=self.epsilon, mask=mask,

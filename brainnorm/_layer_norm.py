@@ -27,26 +27,9 @@ class _AxisNorm(_Normalization):
                                  use_fast_variance=use_fast_variance, dtype=dtype, param_dtype=param_dtype)
         return self._feature_shape(self.feature_axes)
 
-    def _params(self):
-        raise NotImplementedError
-
-    def update(self, x, mask=None):
-        """Normalize ``x`` of shape ``(*batch, *in_size)``.
-
-        Parameters
-        ----------
-        x : array_like or Quantity
-            Any number of leading batch axes (zero included).
-        mask : array_like of bool, optional
-            Valid positions, broadcastable to ``x`` (e.g. ``(B, T, 1)``).
-
-        Returns
-        -------
-        Array
-            Same shape as ``x``; dimensionless unless scale/bias carry units.
-        """
+    def _normalize_call(self, x, mask, scale, bias):
         x_m, unit, mask, _ = self._prepare_input(x, mask)
-        scale, bias = self._params()
+        scale, bias = self._call_affine(x_m.shape, self._params(), scale, bias)
         options = dict(
             reduction_axes=self._x_axes(self.reduction_axes, x_m.ndim), epsilon=self.epsilon, mask=mask,
             axis_name=self.axis_name, axis_index_groups=self.axis_index_groups, dtype=self.dtype,
@@ -55,6 +38,27 @@ class _AxisNorm(_Normalization):
         if self._use_mean:
             return F.layer_norm(x, scale, bias, use_fast_variance=self.use_fast_variance, **options)
         return F.rms_norm(x, scale, **options)
+
+
+_UPDATE_DOC = """Normalize ``x`` of shape ``(*batch, *in_size)``.
+
+        Parameters
+        ----------
+        x : array_like or Quantity
+            Any number of leading batch axes (zero included).
+        mask : array_like of bool, optional
+            Valid positions, broadcastable to ``x`` (e.g. ``(B, T, 1)``).
+        scale{bias_name} : array_like or Quantity, optional
+            Conditional normalization (AdaLN, FiLM): {what} given at call time,
+            broadcastable to ``x`` (e.g. ``(B, 1, C)`` per sample), used in place
+            of {the_parameter}; only for a layer built without it
+            ({flags}), else ``ValueError``.
+
+        Returns
+        -------
+        Array
+            Same shape as ``x``; dimensionless unless scale/bias carry units.
+        """
 
 
 class LayerNorm(_AxisNorm):
@@ -149,6 +153,13 @@ class LayerNorm(_AxisNorm):
     def _params(self):
         return _affine_values(self.weight)
 
+    def update(self, x, mask=None, *, scale=None, bias=None):
+        return self._normalize_call(x, mask, scale, bias)
+
+    update.__doc__ = _UPDATE_DOC.format(bias_name=", bias", what="``scale`` and ``bias``",
+                                        the_parameter="the learned parameter of that kind",
+                                        flags="``use_scale=False`` / ``use_bias=False``")
+
 
 class RMSNorm(_AxisNorm):
     r"""Root-mean-square layer normalization (Zhang and Sennrich, 2019).
@@ -222,3 +233,9 @@ class RMSNorm(_AxisNorm):
 
     def _params(self):
         return _affine_values(self.scale)
+
+    def update(self, x, mask=None, *, scale=None):
+        return self._normalize_call(x, mask, scale, None)
+
+    update.__doc__ = _UPDATE_DOC.format(bias_name="", what="a ``scale``", the_parameter="the learned scale",
+                                        flags="``use_scale=False``")

@@ -599,8 +599,55 @@ class Reduction(NamedTuple):
         return sums
 
 
+class Renorm(NamedTuple):
+    """Batch renormalization's correction (Ioffe, 2017): running statistics, limits and whether it applies.
+
+    In training, with the batch statistics ``mu_B``, ``sigma_B = sqrt(var_B +
+    eps)`` and ``sigma = sqrt(running_var + eps)``: ``r = clip(sigma_B /
+    sigma, 1 / r_max, r_max)`` and ``d = clip((mu_B - running_mean) / sigma,
+    -d_max, d_max)``, both constants under differentiation, and the output is
+    ``((x - mu_B) / sigma_B * r + d) * scale + bias``. Where ``active`` is
+    False (warm-up) and in groups without a valid element, ``r = 1`` and
+    ``d = 0``. The running statistics broadcast to the moments' shape.
+    """
+
+    running_mean: jax.Array
+    running_var: jax.Array
+    r_max: float
+    d_max: float
+    active: object = True
+
+    def corrected_affine(self, stats: Moments, epsilon, scale, bias, d_scale=None, d_bias=None):
+        """``(scale * r, scale * d + bias)`` and their tangents (``r``, ``d`` constant)."""
+        batch = stats.unscaled()
+        dtype = batch.var.dtype
+        mean = jnp.reshape(self.running_mean, batch.var.shape) if jnp.size(self.running_mean) == batch.var.size \
+            else self.running_mean
+        var = jnp.reshape(self.running_var, batch.var.shape) if jnp.size(self.running_var) == batch.var.size \
+            else self.running_var
+        inv_sigma = jax.lax.rsqrt(jnp.asarray(var, dtype) + epsilon)
+        r = jnp.clip(jnp.sqrt(batch.var + epsilon) * inv_sigma, 1 / self.r_max, self.r_max)
+        d = jnp.clip((batch.mean - jnp.asarray(mean, dtype)) * inv_sigma, -self.d_max, self.d_max)
+        active = jnp.asarray(self.active, bool)
+        if batch.count is not None and not (_static(batch.count) and np.all(np.asarray(batch.count) > 0)):
+            active = active & (jnp.asarray(batch.count) > 0)
+        r = jax.lax.stop_gradient(jnp.where(active, r, jnp.ones((), dtype)))
+        d = jax.lax.stop_gradient(jnp.where(active, d, jnp.zeros((), dtype)))
+        new_scale = r if scale is None else scale * r
+        new_bias = d if scale is None else scale * d
+        if bias is not None:
+            new_bias = new_bias + bias
+        if d_scale is None and d_bias is None:
+            return new_scale, new_bias, None, None
+        d_new_scale = jnp.zeros_like(new_scale) if scale is None else d_scale * r
+        d_new_bias = jnp.zeros_like(new_bias) if scale is None else d_scale * d
+        if bias is not None:
+            d_new_bias = d_new_bias + d_bias
+        return new_scale, new_bias, d_new_scale, d_new_bias
+
+
 def normalize_over(x, reduction: Reduction, *, mask=None, scale=None, bias=None, epsilon, out_dtype=None,
-                   with_moments=True):
+                   with_moments=True, renorm: Optional[Renorm] = None):
     """Normalize ``x`` with its own statistics: ``(y, moments)`` (``moments`` None unless ``with_moments``).
 
     ``y = ((x - shift) - delta) * rsqrt(var + eps) * scale + bias`` (without
@@ -610,14 +657,20 @@ def normalize_over(x, reduction: Reduction, *, mask=None, scale=None, bias=None,
     valid elements of each group, across devices with ``axis_name``), which is
     linear in the tangents, so reverse mode transposes it, and differentiable,
     so derivatives of every order follow. The moments' tangents are those of
-    the mean and variance. The shift is a constant, as in the moments.
+    the mean and variance. The shift is a constant, as in the moments. With
+    ``renorm`` the output is batch renormalization's (:class:`Renorm`).
     """
     if not _inexact(x):
         x = x.astype(stats_dtype(x.dtype))
     # integer or boolean parameters have no tangent space: make them floats
     scale = scale if scale is None or _inexact(scale) else jnp.asarray(scale, stats_dtype(x.dtype))
     bias = bias if bias is None or _inexact(bias) else jnp.asarray(bias, stats_dtype(x.dtype))
-    y, stats = _normalized(reduction, out_dtype or x.dtype, bool(with_moments), x, mask, scale, bias, epsilon)
+    if renorm is not None:
+        renorm = renorm._replace(running_mean=jax.lax.stop_gradient(renorm.running_mean),
+                                 running_var=jax.lax.stop_gradient(renorm.running_var),
+                                 active=jnp.asarray(renorm.active, bool))
+    y, stats = _normalized(reduction, out_dtype or x.dtype, bool(with_moments), x, mask, scale, bias, epsilon,
+                           renorm)
     if stats is not None and mask is None:
         # unmasked counts are known at trace time: keep them static
         count = np.asarray(math.prod(x.shape[a] for a in reduction.axes if reduction.groups is None
@@ -634,8 +687,10 @@ def _inexact(value) -> bool:
     return jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.complexfloating)
 
 
-def _normalized_primal(reduction, out_dtype, x, mask, scale, bias, epsilon):
+def _normalized_primal(reduction, out_dtype, x, mask, scale, bias, epsilon, renorm=None):
     stats = reduction.moments(x, mask)
+    if renorm is not None:
+        scale, bias, _, _ = renorm.corrected_affine(stats, epsilon, scale, bias)
     y = apply_moments(x, stats, epsilon=epsilon, scale=scale, bias=bias, out_dtype=out_dtype)
     return y, stats
 
@@ -648,16 +703,22 @@ def _as_output(stats: Moments) -> Moments:
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1, 2))
-def _normalized(reduction, out_dtype, with_moments, x, mask, scale, bias, epsilon):
-    y, stats = _normalized_primal(reduction, out_dtype, x, mask, scale, bias, epsilon)
+def _normalized(reduction, out_dtype, with_moments, x, mask, scale, bias, epsilon, renorm):
+    y, stats = _normalized_primal(reduction, out_dtype, x, mask, scale, bias, epsilon, renorm)
     return y, (_as_output(stats) if with_moments else None)
 
 
 @_normalized.defjvp
 def _normalized_jvp(reduction, out_dtype, with_moments, primals, tangents):
-    x, mask, scale, bias, epsilon = primals
-    dx, _, d_scale, d_bias, _ = tangents
+    x, mask, scale, bias, epsilon, renorm = primals
+    dx, _, d_scale, d_bias, _, _ = tangents
     stats = reduction.moments(x, mask)
+    if renorm is not None:
+        # r and d are constants: the correction is an affine map with new parameters
+        d_scale = _instantiate(d_scale, scale)
+        d_bias = _instantiate(d_bias, bias)
+        scale, bias, d_scale, d_bias = renorm.corrected_affine(
+            stats, epsilon, scale, bias, d_scale if d_scale is not None else 0.0, d_bias)
     sdtype = apply_dtype(x, stats)
     # Everything below works on the scaled values (x - shift) * s of the
     # moments; their tangent is dx * s.
@@ -739,6 +800,15 @@ def _normalized_jvp(reduction, out_dtype, with_moments, primals, tangents):
     )
     stats = _as_output(stats)
     return (y, stats), (d_y.astype(y.dtype), d_stats._replace(count=jnp.zeros_like(stats.count)))
+
+
+def _instantiate(tangent, primal):
+    """A symbolic-zero-free tangent for ``primal`` (None stays None)."""
+    if primal is None:
+        return None
+    if tangent is None or type(tangent).__name__ == "SymbolicZero":
+        return jnp.zeros_like(primal)
+    return tangent
 
 
 def apply_dtype(x, moments: Moments):
@@ -879,3 +949,36 @@ def l2_norm(v, axes, floor=0.0):
     """
     squares = jnp.sum(abs_sq(v), axis=tuple(axes), keepdims=True)
     return jnp.sqrt(jnp.maximum(squares, floor))
+
+
+def lp_normalized(x, p, axes, epsilon, mask=None):
+    """``x / max(||x||_p, epsilon)`` over ``axes``; masked positions left out of the norm and set to 0.
+
+    The norm is formed on ``|x| * s`` with ``s`` a power of two from the
+    largest magnitude (exact), so ``|x|^p`` cannot overflow; where the norm is
+    0 its derivative is taken as 0 (PyTorch's subgradient), and ``|x|^p`` is
+    differentiated safely at 0 for any ``p``.
+    """
+    sdtype = stats_dtype(x.dtype)
+    xs = x.astype(sdtype)
+    valid = xs if mask is None else jnp.where(mask, xs, jnp.zeros((), sdtype))
+    magnitude = jnp.abs(valid)
+    largest = jnp.max(magnitude, axis=tuple(axes), keepdims=True)
+    if p == math.inf:
+        norm = largest
+    else:
+        scale = _magnitude_scale(largest)
+        scaled = magnitude * scale
+        if p == 2:
+            powered = jnp.square(scaled)
+        elif p == 1:
+            powered = scaled
+        else:
+            positive = scaled > 0
+            powered = jnp.where(positive, jnp.where(positive, scaled, 1) ** p, 0)
+        total = jnp.sum(powered, axis=tuple(axes), keepdims=True)
+        positive = total > 0
+        root = jnp.where(positive, jnp.where(positive, total, 1) ** (1 / p), 0)
+        norm = root / scale
+    # the selected copy holds 0 at masked positions: they return 0, and padding (even nan) never enters
+    return valid / jnp.maximum(norm, jnp.asarray(epsilon, norm.dtype))

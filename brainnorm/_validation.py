@@ -439,3 +439,14 @@ def check_time_index(owner: str, t):
             return value
         return t
     raise TypeError(f"{owner}: t must be {expected}, got {type(t).__name__} {t!r}.")
+
+
+def check_broadcasts(owner: str, option: str, value, shape) -> None:
+    """``value`` (an array or Quantity) must broadcast to ``shape`` without enlarging it."""
+    given = tuple(jnp.shape(check_input(owner, getattr(value, "mantissa", value), option)))
+    try:
+        fits = np.broadcast_shapes(given, tuple(shape)) == tuple(shape)
+    except ValueError:
+        fits = False
+    if not fits:
+        raise ValueError(f"{owner}: {option} of shape {given} does not broadcast to the input shape {tuple(shape)}.")

@@ -17,6 +17,7 @@ output equals the bias) with finite gradients.
 
 from __future__ import annotations
 
+import math
 
 import jax.numpy as jnp
 import numpy as np
@@ -26,6 +27,7 @@ from ._stats import Moments, Reduction, apply_moments, default_epsilon, output_d
 from ._validation import (
     canonical_axes,
     check_axis_name,
+    check_broadcasts,
     check_dtype,
     check_epsilon,
     check_epsilon_range,
@@ -49,6 +51,8 @@ __all__ = [
     "instance_norm",
     "local_response_norm",
     "weight_standardization",
+    "batch_renorm",
+    "lp_normalize",
     "divisive_normalization",
     "gdn",
     "temporal_accumulated_batch_norm",
@@ -78,19 +82,8 @@ def _affine(owner, x, unit, epsilon, scale, bias, dtype):
     scale_m, bias_m, out_unit = _units.affine_units(owner, scale, bias)
     for option, value in (("scale", scale_m), ("bias", bias_m)):
         if value is not None:
-            _check_broadcasts(owner, option, value, x.shape)
+            check_broadcasts(owner, option, value, x.shape)
     return eps, scale_m, bias_m, out_unit, output_dtype(x.dtype, dtype)
-
-
-def _check_broadcasts(owner, option, value, shape):
-    """``value`` must broadcast to ``shape`` without enlarging it."""
-    given = tuple(jnp.shape(check_input(owner, value, option)))
-    try:
-        fits = np.broadcast_shapes(given, tuple(shape)) == tuple(shape)
-    except ValueError:
-        fits = False
-    if not fits:
-        raise ValueError(f"{owner}: {option} of shape {given} does not broadcast to the input shape {tuple(shape)}.")
 
 
 def _apply(owner, x, unit, stats: Moments, *, scale, bias, epsilon, dtype):
@@ -99,11 +92,11 @@ def _apply(owner, x, unit, stats: Moments, *, scale, bias, epsilon, dtype):
     return _units.attach(apply_moments(x, stats, epsilon=eps, scale=scale_m, bias=bias_m, out_dtype=out_dtype), out_unit)
 
 
-def _normalize(owner, x, unit, reduction, *, mask, scale, bias, epsilon, dtype, with_moments=False):
+def _normalize(owner, x, unit, reduction, *, mask, scale, bias, epsilon, dtype, with_moments=False, renorm=None):
     """Normalize the array ``x`` (unit ``unit``) with its own statistics: ``(y, moments or None)``."""
     eps, scale_m, bias_m, out_unit, out_dtype = _affine(owner, x, unit, epsilon, scale, bias, dtype)
     y, stats = _stats.normalize_over(x, reduction, mask=mask, scale=scale_m, bias=bias_m, epsilon=eps,
-                                     out_dtype=out_dtype, with_moments=with_moments)
+                                     out_dtype=out_dtype, with_moments=with_moments, renorm=renorm)
     return _units.attach(y, out_unit), stats
 
 
@@ -476,7 +469,17 @@ def batch_norm(
     >>> [round(v, 4) for v in rm.tolist()], [round(v, 4) for v in rv.tolist()]
     ([0.1, 2.0], [1.0, 10.9])
     """
-    owner = "batch_norm"
+    return _batch_statistics(
+        "batch_norm", x, running_mean, running_var, scale, bias, training=training, feature_axes=feature_axes,
+        momentum=momentum, epsilon=epsilon, mask=mask, unbiased_running_var=unbiased_running_var,
+        axis_name=axis_name, axis_index_groups=axis_index_groups, use_fast_variance=use_fast_variance, dtype=dtype,
+    )
+
+
+def _batch_statistics(owner, x, running_mean, running_var, scale, bias, *, training, feature_axes, momentum,
+                      epsilon, mask, unbiased_running_var, axis_name, axis_index_groups, use_fast_variance, dtype,
+                      renorm=None):
+    """Batch normalization, or renormalization with ``renorm = (r_max, d_max, active)``."""
     check_epsilon(owner, epsilon)
     momentum = check_momentum(owner, momentum, allow_none=False)
     x_m, unit, mask = _prepare(owner, x, mask)
@@ -492,8 +495,11 @@ def batch_norm(
     if training or mean is None:
         reduction = Reduction(axes, use_fast_variance=bool(use_fast_variance), axis_name=axis_name,
                               axis_index_groups=_groups(axis_index_groups))
+        correction = None
+        if renorm is not None and mean is not None:
+            correction = _stats.Renorm(mean, var, *renorm)
         y, stats = _normalize(owner, x_m, stats_unit, reduction, mask=mask, with_moments=mean is not None,
-                              **options)
+                              renorm=correction, **options)
     else:
         stats = _stats.given_moments(mean, var, stats_dtype(x_m.dtype))
         y = _apply(owner, x_m, stats_unit, stats, **options)
@@ -504,6 +510,159 @@ def batch_norm(
             mean, var, stats.mean, stats.var, stats.count, momentum, unbiased_var=unbiased_running_var
         )
     return (y,) + _with_unit(mean, var, stats_unit)
+
+
+def batch_renorm(
+    x,
+    running_mean,
+    running_var,
+    scale=None,
+    bias=None,
+    *,
+    training: bool,
+    r_max=3.0,
+    d_max=5.0,
+    renormalize=True,
+    feature_axes=-1,
+    momentum=0.99,
+    epsilon=1e-5,
+    mask=None,
+    unbiased_running_var: bool = False,
+    axis_name=None,
+    axis_index_groups=None,
+    use_fast_variance: bool = False,
+    dtype=None,
+):
+    r"""Batch renormalization (Ioffe, 2017), returning new running statistics.
+
+    Training, with the batch statistics :math:`\mu_B, \sigma_B^2` (over every
+    axis but ``feature_axes``), :math:`s_B = \sqrt{\sigma_B^2 + \epsilon}` and
+    :math:`s = \sqrt{\hat\sigma^2 + \epsilon}` of the running variance:
+
+    .. math::
+
+        r = \mathrm{clip}(s_B / s, 1 / r_{max}, r_{max}), \quad
+        d = \mathrm{clip}((\mu_B - \hat\mu) / s, -d_{max}, d_{max}), \quad
+        y = \gamma \left(rac{x - \mu_B}{s_B} r + d
+ight) + eta
+
+    with ``r`` and ``d`` held constant under differentiation; the running
+    statistics are updated as :func:`batch_norm` updates them. While
+    ``renormalize`` is False (a warm-up; it may be a traced boolean),
+    ``r = 1`` and ``d = 0``: batch normalization. A channel without a valid
+    entry normalizes to the bias. Evaluation (``training=False``) normalizes
+    with the running statistics.
+
+    Parameters
+    ----------
+    x : array_like or Quantity
+    running_mean, running_var : array_like or Quantity
+        As in :func:`batch_norm` (required: the correction is relative to them).
+    scale, bias : array_like or Quantity, optional
+    training : bool
+    r_max, d_max : float
+        Limits of the correction: ``r_max >= 1``, ``d_max >= 0``.
+    renormalize : bool or bool array
+        Apply the correction (False during a warm-up).
+    feature_axes, momentum, epsilon, mask, unbiased_running_var, axis_name, axis_index_groups, use_fast_variance, dtype
+        As in :func:`batch_norm`.
+
+    Returns
+    -------
+    (y, new_running_mean, new_running_var)
+
+    References
+    ----------
+    Ioffe. Batch Renormalization: Towards Reducing Minibatch Dependence in
+    Batch-Normalized Models. NeurIPS 2017.
+
+    Examples
+    --------
+    >>> import jax.numpy as jnp
+    >>> from brainnorm.functional import batch_renorm
+    >>> x = jnp.array([[0.0], [2.0]])                     # batch mean 1, variance 1
+    >>> y, rm, rv = batch_renorm(x, jnp.zeros(1), jnp.full(1, 4.0), training=True, epsilon=1e-12)
+    >>> y.ravel().tolist()                                 # r = 1 / 2, d = 1 / 2
+    [0.0, 1.0]
+    """
+    owner = "batch_renorm"
+    r_max = check_real(owner, "r_max", r_max)
+    d_max = check_real(owner, "d_max", d_max)
+    if r_max < 1:
+        raise ValueError(f"{owner}: r_max must be a finite real number >= 1, got {r_max!r}.")
+    if d_max < 0:
+        raise ValueError(f"{owner}: d_max must be a finite real number >= 0, got {d_max!r}.")
+    if running_mean is None or running_var is None:
+        raise ValueError(
+            f"{owner}: running_mean and running_var must be given (the correction is relative to them), got "
+            f"running_mean={'None' if running_mean is None else 'an array'}, "
+            f"running_var={'None' if running_var is None else 'an array'}."
+        )
+    renormalize = _check_bool_like(owner, "renormalize", renormalize)
+    return _batch_statistics(
+        owner, x, running_mean, running_var, scale, bias, training=training, feature_axes=feature_axes,
+        momentum=momentum, epsilon=epsilon, mask=mask, unbiased_running_var=unbiased_running_var,
+        axis_name=axis_name, axis_index_groups=axis_index_groups, use_fast_variance=use_fast_variance, dtype=dtype,
+        renorm=(r_max, d_max, renormalize),
+    )
+
+
+def _check_bool_like(owner, option, value):
+    """A Python bool or a boolean array (possibly traced)."""
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if hasattr(value, "dtype") and jnp.dtype(value.dtype) == jnp.bool_:
+        return value
+    raise TypeError(f"{owner}: {option} must be a bool or a boolean array, got {type(value).__name__} {value!r}.")
+
+
+def lp_normalize(x, p=2.0, *, axis=-1, epsilon=1e-12, mask=None):
+    r"""Lp normalization: ``x / max(||x||_p, epsilon)`` over ``axis``.
+
+    Equal to ``torch.nn.functional.normalize(x, p, dim, eps)`` (L2 by default:
+    cosine similarity, L2 QK-norm). Positions where ``mask`` is False are left
+    out of the norm and returned as 0. The norm is formed on values rescaled
+    by a power of two, so it neither overflows nor underflows in float32
+    (``x`` of magnitude 1e30 normalizes like ``x`` of magnitude 1); at
+    ``x = 0`` the gradient is finite (the norm's subgradient 0, as in PyTorch).
+
+    Parameters
+    ----------
+    x : array_like or Quantity
+        A Quantity gives a dimensionless result (``epsilon`` is read in its unit).
+    p : float
+        The norm's order: a positive number, or ``inf`` (the largest magnitude).
+    axis : int or sequence of int
+        Axes of ``x`` that the norm runs over.
+    epsilon : float or Quantity
+        Lower bound of the norm, positive.
+    mask : array_like of bool, optional
+        Valid positions, broadcastable to ``x``.
+
+    Returns
+    -------
+    Array
+        Same shape as ``x``, in the input's floating dtype.
+
+    Examples
+    --------
+    >>> import jax.numpy as jnp
+    >>> from brainnorm.functional import lp_normalize
+    >>> lp_normalize(jnp.array([3.0, 4.0])).tolist()
+    [0.6000000238418579, 0.800000011920929]
+    >>> lp_normalize(jnp.array([3.0, 4.0]), p=1).tolist()
+    [0.4285714626312256, 0.5714285969734192]
+    """
+    owner = "lp_normalize"
+    p = math.inf if isinstance(p, (int, float, np.floating)) and p == math.inf else check_real(owner, "p", p,
+                                                                                                 positive=True)
+    x_m, unit, mask = _prepare(owner, x, mask)
+    axes = canonical_axes(owner, "axis", axis, x_m.ndim)
+    check_epsilon(owner, epsilon)
+    # epsilon bounds the norm, which has the unit of x
+    eps = _units.in_unit(owner, "epsilon", epsilon, unit) if _units.split(epsilon)[1] is not None else epsilon
+    y = _stats.lp_normalized(x_m, p, axes, eps, mask)
+    return y.astype(output_dtype(x_m.dtype))
 
 
 def _batch_and_channel_axes(owner, shape, batch_axes, feature_axis):

@@ -660,6 +660,37 @@ def test_functional_temporal_accumulated_batch_norm_and_neu_norm(data):
     np.testing.assert_allclose(np.asarray(y, np.float64), expected, rtol=1e-5, atol=1e-6)
 
 
+@given(data=st.data())
+@settings(max_examples=15)
+def test_functional_batch_renorm_and_lp_normalize(data):
+    """Batch renormalization (any running statistics, limits, warm-up flag) and Lp normalization vs float64."""
+    batch, channels = data.draw(st.integers(2, 5)), data.draw(st.integers(1, 3))
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**16)))
+    x = (rng.standard_normal((batch, channels)) * 2 + 1).astype(np.float32)
+    running_mean = rng.standard_normal(channels).astype(np.float32)
+    running_var = rng.uniform(0.2, 5.0, channels).astype(np.float32)
+    r_max = data.draw(st.floats(1.0, 4.0))
+    d_max = data.draw(st.floats(0.0, 3.0))
+    active = data.draw(st.booleans())
+    y, new_mean, new_var = F.batch_renorm(x, running_mean, running_var, training=True, r_max=r_max, d_max=d_max,
+                                          renormalize=active, momentum=0.9, epsilon=1e-5)
+    x64 = x.astype(np.float64)
+    mean, var = x64.mean(0), x64.var(0)
+    sigma = np.sqrt(running_var.astype(np.float64) + 1e-5)
+    r = np.clip(np.sqrt(var + 1e-5) / sigma, 1 / r_max, r_max) if active else 1.0
+    d = np.clip((mean - running_mean) / sigma, -d_max, d_max) if active else 0.0
+    expected = (x64 - mean) / np.sqrt(var + 1e-5) * r + d
+    np.testing.assert_allclose(np.asarray(y, np.float64), expected, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(new_mean, np.float64), 0.9 * running_mean + 0.1 * mean, rtol=1e-5,
+                               atol=1e-5)
+    np.testing.assert_allclose(np.asarray(new_var, np.float64), 0.9 * running_var + 0.1 * var, rtol=1e-5)
+
+    p = data.draw(st.sampled_from([1.0, 2.0, 3.0, float("inf")]))
+    y = F.lp_normalize(x, p, axis=0)
+    norm = np.max(np.abs(x64), 0) if p == float("inf") else np.sum(np.abs(x64) ** p, 0) ** (1 / p)
+    np.testing.assert_allclose(np.asarray(y, np.float64), x64 / np.maximum(norm, 1e-12), rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("name", sorted(brainnorm.functional.__all__))
 def test_every_function_has_a_property_test(name):
     """Guard: a new public function must be added to this module."""
