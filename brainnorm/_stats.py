@@ -224,18 +224,27 @@ def _shift_and_scale(valid_x, weight, count, axes, use_mean):
 
     Both are held constant under differentiation. See the module docstring.
     """
-    if weight is None and _element_shift_possible(valid_x, axes):
+    slicable = _element_shift_possible(valid_x, axes)
+    if weight is None and slicable:
         element, magnitude = _group_element(valid_x, axes)
         shift = element if use_mean else None
+    elif not use_mean and slicable:
+        # masked RMS statistics: no shift, so no pass for one; the scale from the first two elements
+        shift, magnitude = None, _group_element(valid_x, axes)[1]
     else:
-        # A first pass: the mean (the shift) and the mean magnitude (the scale).
-        # Each term is divided by the group's size first, so the sums cannot
-        # overflow (|sum| <= max |x|), then rescaled to the valid count.
+        # A first pass: the mean (the shift). Each term is divided by the
+        # group's size first, so the sum cannot overflow (|sum| <= max |x|),
+        # then rescaled to the valid count. The scale comes from the larger of
+        # |mean| and the first two (valid, else 0) elements: a second
+        # reduction over the data (say of |x|) would cost half a pass more.
         size = math.prod(valid_x.shape[a] for a in axes)
-        per_element = 1.0 / max(size, 1)
         to_mean = size * _reciprocal(count)
-        magnitude = _sum_kept(jnp.abs(valid_x) * per_element, axes) * to_mean
-        shift = _frozen(_sum_kept(valid_x * per_element, axes) * to_mean) if use_mean else None
+        mean = _sum_kept(valid_x * (1.0 / max(size, 1)), axes) * to_mean
+        frozen = _frozen(mean)
+        shift = frozen if use_mean else None
+        magnitude = jnp.abs(frozen)
+        if slicable:
+            magnitude = jnp.maximum(magnitude, _group_element(valid_x, axes)[1])
     scale = _magnitude_scale(magnitude)
     if shift is not None:
         shift = jax.lax.stop_gradient(shift)
@@ -536,19 +545,31 @@ def inverse_std(moments: Moments, epsilon):
     return inv if has_data is None else _select(has_data, inv, 0)
 
 
-def apply_moments(x, moments: Moments, *, epsilon, scale=None, bias=None, out_dtype=None):
-    """``((x - shift) * s - delta) * rsqrt(var + eps * s^2) * scale + bias`` in the stats dtype.
+def applied(moments: Moments, epsilon):
+    """``(delta, inv)`` in the unit of ``x``, for ``y = ((x - shift) - delta) * inv``.
 
-    ``s`` is the moments' power-of-two scale (1 when they have none).
+    With a power-of-two scale ``s`` the moments are those of ``(x - shift) *
+    s``: ``delta / s`` and ``inv * s`` are exact, and
+    ``((x - shift) - delta / s) * (inv * s)`` rounds exactly as the scaled
+    form would, without a multiplication per element.
     """
+    inv = inverse_std(moments, epsilon)
+    delta = moments.delta
+    if moments.scale is not None:
+        inv = inv * moments.scale
+        if delta is not None:
+            delta = delta * (1 / moments.scale)
+    return delta, inv
+
+
+def apply_moments(x, moments: Moments, *, epsilon, scale=None, bias=None, out_dtype=None):
+    """``((x - shift) - delta) * rsqrt(var + eps) * scale + bias`` in the stats dtype (see :func:`applied`)."""
     y = x.astype(apply_dtype(x, moments))
     if moments.shift is not None:
         y = y - moments.shift
-    if moments.scale is not None:
-        y = y * moments.scale
-    if moments.delta is not None:
-        y = y - moments.delta
-    factor = inverse_std(moments, epsilon)
+    delta, factor = applied(moments, epsilon)
+    if delta is not None:
+        y = y - delta
     if scale is not None:
         factor = factor * scale
     y = y * factor
@@ -719,25 +740,27 @@ def _normalized_jvp(reduction, out_dtype, with_moments, primals, tangents):
         d_bias = _instantiate(d_bias, bias)
         scale, bias, d_scale, d_bias = renorm.corrected_affine(
             stats, epsilon, scale, bias, d_scale if d_scale is not None else 0.0, d_bias)
+    y = apply_moments(x, stats, epsilon=epsilon, scale=scale, bias=bias, out_dtype=out_dtype)
+    # The tangent is formed on the scaled values (x - shift) * s of the moments
+    # (their tangent is dx * s): every per-group product then stays near 1, in
+    # forward mode and in its transpose (in x's unit, 1 / std^2 of data beyond
+    # 1e19 is below float32's smallest normal number).
     sdtype = apply_dtype(x, stats)
-    # Everything below works on the scaled values (x - shift) * s of the
-    # moments; their tangent is dx * s.
+    delta = stats.delta
+    inv = inverse_std(stats, epsilon)
     shifted = x.astype(sdtype)
     if stats.shift is not None:
         shifted = shifted - stats.shift
     if stats.scale is not None:
         shifted = shifted * stats.scale
-    centered = shifted if stats.delta is None else shifted - stats.delta
-    inv = inverse_std(stats, epsilon)
-    # the primal output, with the same operations as apply_moments
+    centered = shifted if delta is None else shifted - delta
     factor = inv if scale is None else inv * scale
-    y = centered * factor
-    if bias is not None:
-        y = y + bias
-    y = y.astype(out_dtype)
     n = float(np.maximum(stats.count, 1)) if _static(stats.count) else jnp.maximum(stats.count, 1)
 
     if mask is None:
+        def mean_of(values):
+            return reduction.total(values) / n
+
         def mean_times(coefficient, values):
             return reduction.total(coefficient * values) / n
 
@@ -750,8 +773,13 @@ def _normalized_jvp(reduction, out_dtype, with_moments, primals, tangents):
         # is dropped from the output's dependence on the statistics (its
         # output is not finite anyway), so a zero cotangent there cannot
         # turn into 0 * nan in the statistics' cotangents.
+        def mean_of(values):  # tangents: selected (a select transposes to a select, never 0 * nan)
+            return reduction.total(_select(mask, values, 0)) / n
+
         def mean_times(coefficient, values):
-            return reduction.total(_select(mask, coefficient, 0) * values) / n
+            # (the outer select is not redundant: jit(vmap(...)) of the bare product of a
+            # selected coefficient and batched tangents compiled to wrong sums on XLA's CPU backend)
+            return reduction.total(_select(mask, _select(mask, coefficient, 0) * values, 0)) / n
 
         def finite(values):
             return jnp.where(mask | jnp.isfinite(values), values, jnp.zeros((), values.dtype))
@@ -759,7 +787,7 @@ def _normalized_jvp(reduction, out_dtype, with_moments, primals, tangents):
     dxs = jnp.asarray(dx).astype(sdtype)
     if stats.scale is not None:
         dxs = dxs * stats.scale
-    d_mean = None if stats.delta is None else mean_times(jnp.ones((), dxs.dtype), dxs)
+    d_mean = None if delta is None else mean_of(dxs)
     if jnp.shape(factor) == jnp.shape(inv):
         # One factor per group (BatchNorm, InstanceNorm): everything full-size
         # is written with x - shift, which the moments' sums formed already;
@@ -767,13 +795,13 @@ def _normalized_jvp(reduction, out_dtype, with_moments, primals, tangents):
         # second full-size array.
         d_sq = jnp.real(mean_times(jnp.conj(shifted), dxs))  # half the variance's tangent, before centring
         if d_mean is not None:
-            d_sq = d_sq - jnp.real(jnp.conj(stats.delta) * d_mean)
+            d_sq = d_sq - jnp.real(jnp.conj(delta) * d_mean)
         slope = -(inv * inv * d_sq) * factor
         if scale is not None:
             slope = slope + inv * d_scale
         d_y = dxs * factor + finite(shifted) * slope
         if d_mean is not None:
-            d_y = d_y - (stats.delta * slope + d_mean * factor)
+            d_y = d_y - (delta * slope + d_mean * factor)
     else:
         # A factor per element (LayerNorm's scale along the normalized axes).
         d_sq = jnp.real(mean_times(jnp.conj(centered), dxs))
