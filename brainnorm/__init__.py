@@ -51,3 +51,8 @@ __all__ = [
     "functional",
     "backend_info",
 ]
+
+from ._signatures import expose_signatures  # noqa: E402  (needs every public class imported above)
+
+expose_signatures(globals())
+del expose_signatures

@@ -4,6 +4,12 @@ Both compute a weight from their own states at every call and run the wrapped
 layer with it. The wrapped layer's weight state is swapped for the call and
 restored afterwards, so its stored value is never overwritten (flax's
 WeightNorm writes the normalized kernel into the wrapped module).
+
+WeightNorm's trainable parameters are ``g`` and ``v``: it takes the wrapped
+weight out of the layer's ``ParamState`` so that an optimizer over
+``states(brainstate.ParamState)`` neither keeps moments for nor decays a
+weight that is never used. SpectralNorm trains the wrapped weight itself
+(``W / sigma(W)``), so there it stays a ``ParamState``.
 """
 
 from __future__ import annotations
@@ -57,8 +63,11 @@ class _WeightWrapper(brainstate.nn.Module):
         # Keep the attribute name, not the state: the state stays reachable only
         # through ``self.layer``, under its own path.
         self._attr, self._key = _find_weight(self._owner, layer, weight_name)
-        self.in_size = getattr(layer, "in_size", None)
-        self.out_size = getattr(layer, "out_size", None)
+        # brainstate's Module rejects ``in_size = None``: copy only the sizes the layer has.
+        for attr in ("in_size", "out_size"):
+            size = getattr(layer, attr, None)
+            if size is not None:
+                setattr(self, attr, size)
 
     @property
     def _state(self):
@@ -71,14 +80,36 @@ class _WeightWrapper(brainstate.nn.Module):
     @contextmanager
     def _weight_in_layer(self, weight):
         original = self._state.value
-        if self._key is None:
-            self._state.value = weight
-        else:
-            self._state.value = {**original, self._key: weight}
+        # The slot may lack the weight entry (WeightNorm removes it), so the
+        # value written for the call can differ in tree structure from the
+        # stored one; the stored value is restored whatever happens.
+        value = weight if self._key is None else {**original, self._key: weight}
+        with brainstate.check_state_value_tree(False):
+            self._state.value = value
         try:
             yield
         finally:
-            self._state.value = original
+            with brainstate.check_state_value_tree(False):
+                self._state.value = original
+
+    def _detach_weight(self):
+        """Take the wrapped weight out of the layer's trainable states.
+
+        A dict slot (``layer.weight.value = {'weight': w, 'bias': b}``) keeps its
+        other entries in the same ``ParamState``, at the same path; a slot left
+        with no trainable entry, or one holding the weight array alone, becomes a
+        non-trainable ``brainstate.State`` (holding ``{}``, or the weight at
+        construction). The weight is put back in the slot for each call.
+        """
+        state = self._state
+        value = state.value
+        if self._key is not None:
+            value = {k: v for k, v in value.items() if k != self._key}
+            if value:
+                with brainstate.check_state_value_tree(False):
+                    state.value = value
+                return
+        setattr(self.layer, self._attr, brainstate.State(value))
 
     def _weight(self, use_running_average):
         """``(weight, writes)``: the weight to use and the state writes to commit
@@ -126,8 +157,15 @@ class WeightNorm(_WeightWrapper):
     starts at :math:`\lVert v \rVert` and ``v`` at the wrapped weight, so the
     wrapped layer computes the same function at construction (PyTorch and
     equinox; flax starts ``g`` at 1). ``g`` and ``v`` are trainable
-    ``ParamState``\ s; the wrapped layer's stored weight is left as it was and
-    its gradient is zero, while its other entries (the bias) stay trainable.
+    ``ParamState``\ s and replace the wrapped weight, which is taken out of the
+    layer's ``ParamState``: ``wrapper.states(brainstate.ParamState)`` holds
+    exactly ``g``, ``v`` and the layer's other parameters (the bias, still at
+    ``layer.weight.value['bias']``), so an optimizer keeps no moments for, and
+    applies no weight decay to, a weight that is never used. A slot left with
+    no trainable entry (a layer without bias, or a weight held in its own
+    ``ParamState``) becomes a non-trainable ``brainstate.State``. The wrapped
+    layer is meant to be called through the wrapper, which puts the
+    normalized weight in the slot for each call.
 
     Parameters
     ----------
@@ -160,9 +198,14 @@ class WeightNorm(_WeightWrapper):
     >>> import brainstate, jax.numpy as jnp, brainnorm
     >>> linear = brainstate.nn.Linear(3, 2)
     >>> x = jnp.ones((4, 3))
+    >>> y = linear(x)
     >>> wn = brainnorm.WeightNorm(linear)
-    >>> bool(jnp.allclose(wn(x), linear(x), atol=1e-6))
+    >>> bool(jnp.allclose(wn(x), y, atol=1e-6))
     True
+    >>> sorted(wn.states(brainstate.ParamState).keys())   # trainable: g, v and the bias
+    [('g',), ('layer', 'weight'), ('v',)]
+    >>> list(linear.weight.value)
+    ['bias']
     """
 
     def __init__(self, layer, *, weight_name="weight", axis=-1, epsilon=1e-12, name=None):
@@ -173,6 +216,7 @@ class WeightNorm(_WeightWrapper):
         self._norm_axes = tuple(a for a in range(weight.ndim) if a not in self.axis)
         self.v = brainstate.ParamState(weight)
         self.g = brainstate.ParamState(self._norm(weight))
+        self._detach_weight()
 
     def _norm(self, v, floor=0.0):
         return _stats.l2_norm(v, self._norm_axes, floor)

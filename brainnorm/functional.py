@@ -543,8 +543,7 @@ def batch_renorm(
 
         r = \mathrm{clip}(s_B / s, 1 / r_{max}, r_{max}), \quad
         d = \mathrm{clip}((\mu_B - \hat\mu) / s, -d_{max}, d_{max}), \quad
-        y = \gamma \left(rac{x - \mu_B}{s_B} r + d
-ight) + eta
+        y = \gamma \left(\frac{x - \mu_B}{s_B} r + d\right) + \beta
 
     with ``r`` and ``d`` held constant under differentiation; the running
     statistics are updated as :func:`batch_norm` updates them. While

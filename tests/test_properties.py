@@ -425,7 +425,7 @@ def test_weight_norm_linear(n_in, n_out, batch, seed):
     v64 = v.astype(np.float64)
     w = g * v64 / np.linalg.norm(v64, axis=0, keepdims=True)
     check(wn(x), x.astype(np.float64) @ w + b0, np.float32, "WeightNorm")
-    assert np.array_equal(np.asarray(linear.weight.value["weight"]), w0), "the wrapped weight was overwritten"
+    assert "weight" not in linear.weight.value, "the wrapped weight is still a trainable parameter"
 
 
 @given(n_in=st.integers(1, 5), n_out=st.integers(1, 5), batch=st.lists(st.integers(1, 3), max_size=2),
