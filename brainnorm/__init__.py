@@ -12,8 +12,8 @@ from ._divisive import GDN, DivisiveNormalization, DynamicDivisiveNormalization
 from ._group_norm import GroupNorm, InstanceNorm
 from ._layer_norm import LayerNorm, RMSNorm
 from ._local_response_norm import LocalResponseNorm
-from ._states import NormalizationParamState
 from ._spiking import NeuNorm, TemporalAccumulatedBatchNorm
+from ._states import NormalizationParamState
 from ._temporal import BatchNormThroughTime, TemporalEffectiveBatchNorm, ThresholdDependentBatchNorm
 from ._weight_norm import SpectralNorm, WeightNorm
 from .functional import weight_standardization

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import brainstate
 import brainunit as u
@@ -74,6 +75,11 @@ class _Normalization(brainstate.nn.Module):
         self.out_size = self.in_size
 
     @property
+    def _size(self) -> tuple[int, ...]:
+        """``in_size``, which this base always stores as a tuple of ints (brainstate types it more loosely)."""
+        return cast(tuple[int, ...], self.in_size)
+
+    @property
     def _owner(self) -> str:
         return type(self).__name__
 
@@ -87,8 +93,9 @@ class _Normalization(brainstate.nn.Module):
         offset = ndim - len(self.in_size)
         return tuple(offset + a for a in axes)
 
-    def _set_common_options(self, *, axis_name=None, axis_index_groups=None, use_fast_variance=False, dtype=None,
-                            param_dtype=None):
+    def _set_common_options(
+        self, *, axis_name=None, axis_index_groups=None, use_fast_variance=False, dtype=None, param_dtype=None
+    ):
         """Validate and store the options every statistics layer shares."""
         owner = self._owner
         self.axis_name, self.axis_index_groups = check_axis_name(owner, axis_name, axis_index_groups)
@@ -114,7 +121,7 @@ class _Normalization(brainstate.nn.Module):
         learns is an error. ``learned`` is the layer's own ``(scale, bias)``.
         """
         result = []
-        for option, given, own in zip(("scale", "bias"), (scale, bias), learned):
+        for option, given, own in zip(("scale", "bias"), (scale, bias), learned, strict=True):
             if given is None:
                 result.append(own)
                 continue
@@ -177,9 +184,27 @@ class _RunningStatistics:
         return not use_running_average
 
     def _setup_statistics(
-        self, *, feature_axis, epsilon, momentum, use_scale, use_bias, scale_init, bias_init,
-        track_running_stats, unbiased_running_var, use_running_average, axis_name, axis_index_groups,
-        use_fast_variance, dtype, param_dtype, param_type, mean_type, unit, leading_shape=(),
+        self,
+        *,
+        feature_axis,
+        epsilon,
+        momentum,
+        use_scale,
+        use_bias,
+        scale_init,
+        bias_init,
+        track_running_stats,
+        unbiased_running_var,
+        use_running_average,
+        axis_name,
+        axis_index_groups,
+        use_fast_variance,
+        dtype,
+        param_dtype,
+        param_type,
+        mean_type,
+        unit,
+        leading_shape=(),
     ):
         """Options, parameters and running statistics of a batch-statistics layer.
 
@@ -195,14 +220,24 @@ class _RunningStatistics:
         self.track_running_stats = check_flag(owner, "track_running_stats", track_running_stats)
         self.unbiased_running_var = check_flag(owner, "unbiased_running_var", unbiased_running_var)
         self.use_running_average = check_flag(owner, "use_running_average", use_running_average, allow_none=True)
-        self._set_common_options(axis_name=axis_name, axis_index_groups=axis_index_groups,
-                                 use_fast_variance=use_fast_variance, dtype=dtype, param_dtype=param_dtype)
+        self._set_common_options(
+            axis_name=axis_name,
+            axis_index_groups=axis_index_groups,
+            use_fast_variance=use_fast_variance,
+            dtype=dtype,
+            param_dtype=param_dtype,
+        )
         self.scale_init = scale_init
         self.bias_init = bias_init
         stat_shape = tuple(leading_shape) + self._feature_shape(self.feature_axes)
         self.weight = self._affine_state(
-            stat_shape, use_scale=self.use_scale, use_bias=self.use_bias, scale_init=scale_init,
-            bias_init=bias_init, param_dtype=param_dtype, param_type=param_type,
+            stat_shape,
+            use_scale=self.use_scale,
+            use_bias=self.use_bias,
+            scale_init=scale_init,
+            bias_init=bias_init,
+            param_dtype=param_dtype,
+            param_type=param_type,
         )
         if self.track_running_stats:
             self._init_running_stats(stat_shape, mean_type, param_dtype, unit, tuple(leading_shape))
@@ -242,10 +277,21 @@ class _RunningStatistics:
         elif momentum is None:
             momentum = self._effective_momentum()
         return F.batch_norm(
-            _units.attach(x_m, unit), running[0], running[1], scale, bias, training=training,
-            feature_axes=feature_axes, momentum=momentum, epsilon=self.epsilon, mask=mask,
-            unbiased_running_var=self.unbiased_running_var, axis_name=self.axis_name,
-            axis_index_groups=self.axis_index_groups, use_fast_variance=self.use_fast_variance, dtype=self.dtype,
+            _units.attach(x_m, unit),
+            running[0],
+            running[1],
+            scale,
+            bias,
+            training=training,
+            feature_axes=feature_axes,
+            momentum=momentum,
+            epsilon=self.epsilon,
+            mask=mask,
+            unbiased_running_var=self.unbiased_running_var,
+            axis_name=self.axis_name,
+            axis_index_groups=self.axis_index_groups,
+            use_fast_variance=self.use_fast_variance,
+            dtype=self.dtype,
         )
 
     def _stats_unit(self, x_m, unit):

@@ -49,29 +49,45 @@ class _BatchNorm(_RunningStatistics, _Normalization):
         super().__init__(in_size, name=name)
         owner = self._owner
         if self.num_spatial_dims is None:
-            if not 1 <= len(self.in_size) <= 4:
+            if not 1 <= len(self._size) <= 4:
                 raise ValueError(
                     f"{owner}: in_size must have 1 to 4 entries (up to 3 spatial dims and the channels), "
                     f"got {self.in_size}."
                 )
-        elif len(self.in_size) != self.num_spatial_dims + 1:
+        elif len(self._size) != self.num_spatial_dims + 1:
             raise ValueError(
                 f"{owner}: in_size must have {self.num_spatial_dims + 1} entries (spatial dims and channels), "
                 f"got {self.in_size}."
             )
         self.affine = bool(affine)
         self._setup_statistics(
-            feature_axis=feature_axis, epsilon=epsilon, momentum=momentum,
+            feature_axis=feature_axis,
+            epsilon=epsilon,
+            momentum=momentum,
             use_scale=self.affine if use_scale is None else use_scale,
             use_bias=self.affine if use_bias is None else use_bias,
-            scale_init=_pick(owner, "scale_initializer", scale_initializer, "scale_init", scale_init,
-                             brainstate.nn.init.Constant(1.0)),
-            bias_init=_pick(owner, "bias_initializer", bias_initializer, "bias_init", bias_init,
-                            brainstate.nn.init.Constant(0.0)),
-            track_running_stats=track_running_stats, unbiased_running_var=unbiased_running_var,
-            use_running_average=use_running_average, axis_name=axis_name, axis_index_groups=axis_index_groups,
-            use_fast_variance=use_fast_variance, dtype=dtype, param_dtype=param_dtype, param_type=param_type,
-            mean_type=mean_type, unit=unit,
+            scale_init=_pick(
+                owner,
+                "scale_initializer",
+                scale_initializer,
+                "scale_init",
+                scale_init,
+                brainstate.nn.init.Constant(1.0),
+            ),
+            bias_init=_pick(
+                owner, "bias_initializer", bias_initializer, "bias_init", bias_init, brainstate.nn.init.Constant(0.0)
+            ),
+            track_running_stats=track_running_stats,
+            unbiased_running_var=unbiased_running_var,
+            use_running_average=use_running_average,
+            axis_name=axis_name,
+            axis_index_groups=axis_index_groups,
+            use_fast_variance=use_fast_variance,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            param_type=param_type,
+            mean_type=mean_type,
+            unit=unit,
         )
 
     def update(self, x, mask=None, *, use_running_average=None, scale=None, bias=None):
@@ -218,8 +234,12 @@ _BATCH_NORM_DOC = r"""{rank} batch normalization (Ioffe and Szegedy, 2015).
 
 def _doc(name, dims, layout, example_size, example_numel):
     return _BATCH_NORM_DOC.format(
-        rank=f"{dims}-D" if dims else "0-D (feature vector)", in_rank=dims + 1, layout=layout, name=name,
-        example_size=example_size, example_numel=example_numel,
+        rank=f"{dims}-D" if dims else "0-D (feature vector)",
+        in_rank=dims + 1,
+        layout=layout,
+        name=name,
+        example_size=example_size,
+        example_numel=example_numel,
     )
 
 
@@ -337,12 +357,29 @@ class BatchRenorm(_BatchNorm):
         unit=None,
     ):
         super().__init__(
-            in_size, feature_axis, track_running_stats=track_running_stats, epsilon=epsilon, momentum=momentum,
-            affine=affine, use_scale=use_scale, use_bias=use_bias, bias_initializer=bias_initializer,
-            scale_initializer=scale_initializer, bias_init=bias_init, scale_init=scale_init, axis_name=axis_name,
-            axis_index_groups=axis_index_groups, use_fast_variance=use_fast_variance,
-            unbiased_running_var=unbiased_running_var, use_running_average=use_running_average, name=name,
-            dtype=dtype, param_dtype=param_dtype, param_type=param_type, mean_type=mean_type, unit=unit,
+            in_size,
+            feature_axis,
+            track_running_stats=track_running_stats,
+            epsilon=epsilon,
+            momentum=momentum,
+            affine=affine,
+            use_scale=use_scale,
+            use_bias=use_bias,
+            bias_initializer=bias_initializer,
+            scale_initializer=scale_initializer,
+            bias_init=bias_init,
+            scale_init=scale_init,
+            axis_name=axis_name,
+            axis_index_groups=axis_index_groups,
+            use_fast_variance=use_fast_variance,
+            unbiased_running_var=unbiased_running_var,
+            use_running_average=use_running_average,
+            name=name,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            param_type=param_type,
+            mean_type=mean_type,
+            unit=unit,
         )
         owner = self._owner
         self.r_max = check_real(owner, "r_max", r_max)
@@ -352,8 +389,9 @@ class BatchRenorm(_BatchNorm):
         if self.d_max < 0:
             raise ValueError(f"{owner}: d_max must be a finite real number >= 0, got {d_max!r}.")
         if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, (int, np.integer)):
-            raise TypeError(f"{owner}: warmup_steps must be a non-negative int, got "
-                            f"{type(warmup_steps).__name__} {warmup_steps!r}.")
+            raise TypeError(
+                f"{owner}: warmup_steps must be a non-negative int, got {type(warmup_steps).__name__} {warmup_steps!r}."
+            )
         if warmup_steps < 0:
             raise ValueError(f"{owner}: warmup_steps must be a non-negative int, got {warmup_steps!r}.")
         self.warmup_steps = int(warmup_steps)
@@ -363,9 +401,22 @@ class BatchRenorm(_BatchNorm):
             return self._batch_norm(x_m, unit, mask, feature_axes, training, scale, bias, running)
         active = self.num_batches_tracked.value >= self.warmup_steps
         return F.batch_renorm(
-            _units.attach(x_m, unit), running[0], running[1], scale, bias, training=training, r_max=self.r_max,
-            d_max=self.d_max, renormalize=active, feature_axes=feature_axes, momentum=self._effective_momentum(),
-            epsilon=self.epsilon, mask=mask, unbiased_running_var=self.unbiased_running_var,
-            axis_name=self.axis_name, axis_index_groups=self.axis_index_groups,
-            use_fast_variance=self.use_fast_variance, dtype=self.dtype,
+            _units.attach(x_m, unit),
+            running[0],
+            running[1],
+            scale,
+            bias,
+            training=training,
+            r_max=self.r_max,
+            d_max=self.d_max,
+            renormalize=active,
+            feature_axes=feature_axes,
+            momentum=self._effective_momentum(),
+            epsilon=self.epsilon,
+            mask=mask,
+            unbiased_running_var=self.unbiased_running_var,
+            axis_name=self.axis_name,
+            axis_index_groups=self.axis_index_groups,
+            use_fast_variance=self.use_fast_variance,
+            dtype=self.dtype,
         )

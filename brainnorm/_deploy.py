@@ -59,8 +59,7 @@ def _norm_affine(owner, norm):
             f"{type(norm).__name__} with running statistics of shape {tuple(np.shape(mean))} (per-step "
             f"statistics cannot be folded into one layer)."
         )
-    var = _units.in_unit(owner, "running_var", norm.running_var.value,
-                         None if stats_unit is None else stats_unit**2)
+    var = _units.in_unit(owner, "running_var", norm.running_var.value, None if stats_unit is None else stats_unit**2)
     eps = _units.epsilon_value(owner, norm.epsilon, stats_unit)
     std = jnp.sqrt(jnp.asarray(var) + eps)
     params = {} if getattr(norm, "weight", None) is None else norm.weight.value
@@ -142,8 +141,7 @@ def fold_batch_norm(layer, norm):
         bias_shape = (1, channels) + spatial if layer.channel_first else spatial + (channels,)
     else:
         raise TypeError(
-            f"{owner}: layer must be a brainstate.nn.Linear, Conv1d, Conv2d or Conv3d, got "
-            f"{type(layer).__name__}."
+            f"{owner}: layer must be a brainstate.nn.Linear, Conv1d, Conv2d or Conv3d, got {type(layer).__name__}."
         )
     mean, std, g, beta, stats_unit, out_unit = _norm_affine(owner, norm)
     if tuple(norm.feature_axes) != (channel_axis,) or norm.in_size[channel_axis] != channels:

@@ -230,15 +230,19 @@ class DivisiveNormalization(_DivisiveOptions):
         self._sigma_reparam = _NonNegative(self.sigma_min, offset)
         if self.learnable:
             if np.any(np.asarray(sigma_m) < self.sigma_min):
-                raise ValueError(f"{owner}: sigma must be at least sigma_min={self.sigma_min} when learnable, "
-                                 f"got {np.asarray(sigma_m)!r}.")
+                raise ValueError(
+                    f"{owner}: sigma must be at least sigma_min={self.sigma_min} when learnable, "
+                    f"got {np.asarray(sigma_m)!r}."
+                )
             _check_state_type(owner, "param_type", param_type, trainable=True)
             dtype_p = _param_dtype(param_dtype)
-            self.weight = param_type({
-                "weights": self._weights_reparam.raw(weights.astype(dtype_p)),
-                "sigma": self._sigma_reparam.raw(sigma_m.astype(dtype_p)),
-                "gain": gain_m.astype(dtype_p),
-            })
+            self.weight = param_type(
+                {
+                    "weights": self._weights_reparam.raw(weights.astype(dtype_p)),
+                    "sigma": self._sigma_reparam.raw(sigma_m.astype(dtype_p)),
+                    "gain": gain_m.astype(dtype_p),
+                }
+            )
             self._constants = None
         else:
             self.weight = None
@@ -278,8 +282,14 @@ class DivisiveNormalization(_DivisiveOptions):
         """
         x_m, unit, mask, _ = self._prepare_input(x, mask)
         return DF.divisive_normalization(
-            _units.attach(x_m, unit), exponent=self.exponent, sigma=self.sigma, gain=self.gain,
-            weights=self.weights, feature_axis=self._call_axis(x_m.ndim), mask=mask, dtype=self.dtype,
+            _units.attach(x_m, unit),
+            exponent=self.exponent,
+            sigma=self.sigma,
+            gain=self.gain,
+            weights=self.weights,
+            feature_axis=self._call_axis(x_m.ndim),
+            mask=mask,
+            dtype=self.dtype,
         )
 
 
@@ -385,10 +395,12 @@ class GDN(_ChannelLayer):
         _check_state_type(owner, "param_type", param_type, trainable=True)
         dtype_p = _param_dtype(param_dtype)
         channels = self.num_channels
-        self.weight = param_type({
-            "beta": self._beta_reparam.raw(jnp.ones((channels,), dtype_p)),
-            "gamma": self._gamma_reparam.raw(self.gamma_init * jnp.eye(channels, dtype=dtype_p)),
-        })
+        self.weight = param_type(
+            {
+                "beta": self._beta_reparam.raw(jnp.ones((channels,), dtype_p)),
+                "gamma": self._gamma_reparam.raw(self.gamma_init * jnp.eye(channels, dtype=dtype_p)),
+            }
+        )
 
     @property
     def beta(self):
@@ -415,8 +427,13 @@ class GDN(_ChannelLayer):
         """
         x_m, unit, mask, _ = self._prepare_input(x, mask)
         return DF.gdn(
-            _units.attach(x_m, unit), self.beta, self.gamma, inverse=self.inverse,
-            feature_axis=self._call_axis(x_m.ndim), mask=mask, dtype=self.dtype,
+            _units.attach(x_m, unit),
+            self.beta,
+            self.gamma,
+            inverse=self.inverse,
+            feature_axis=self._call_axis(x_m.ndim),
+            mask=mask,
+            dtype=self.dtype,
         )
 
 
@@ -550,8 +567,8 @@ class DynamicDivisiveNormalization(_DivisiveOptions):
         in_size,
         feature_axis: int = -1,
         *,
-        tau=10.0 * u.ms,
-        tau_pool=20.0 * u.ms,
+        tau=10.0 * u.ms,  # type: ignore[attr-defined]  # brainunit creates its unit names at import
+        tau_pool=20.0 * u.ms,  # type: ignore[attr-defined]
         exponent: float = 2.0,
         sigma=1.0,
         gain=1.0,
@@ -582,8 +599,10 @@ class DynamicDivisiveNormalization(_DivisiveOptions):
         try:
             batch = tuple(int(b) for b in batch_size)
         except TypeError:
-            raise TypeError(f"{self._owner}: batch_size must be None, an int or a tuple of ints, "
-                            f"got {type(batch_size).__name__} {batch_size!r}.") from None
+            raise TypeError(
+                f"{self._owner}: batch_size must be None, an int or a tuple of ints, "
+                f"got {type(batch_size).__name__} {batch_size!r}."
+            ) from None
         if any(b <= 0 for b in batch):
             raise ValueError(f"{self._owner}: batch_size must be positive, got {batch_size!r}.")
         return batch + self.in_size
@@ -645,8 +664,10 @@ class DynamicDivisiveNormalization(_DivisiveOptions):
         """
         owner = self._owner
         if self.response is None:
-            raise ValueError(f"{owner}: the states are not initialized; call init_state(batch_size) (or "
-                             f"brainstate.nn.init_all_states(model)) before update.")
+            raise ValueError(
+                f"{owner}: the states are not initialized; call init_state(batch_size) (or "
+                f"brainstate.nn.init_all_states(model)) before update."
+            )
         x_m, unit, mask, _ = self._prepare_input(x, mask)
         state_shape = tuple(self.conductance.value.shape)
         try:
@@ -654,18 +675,25 @@ class DynamicDivisiveNormalization(_DivisiveOptions):
         except ValueError:
             fits = False
         if not fits:
-            raise ValueError(f"{owner}: x must broadcast to the state shape {state_shape} (batch shape given to "
-                             f"init_state, then in_size), got shape {x_m.shape}.")
+            raise ValueError(
+                f"{owner}: x must broadcast to the state shape {state_shape} (batch shape given to "
+                f"init_state, then in_size), got shape {x_m.shape}."
+            )
         membrane_step, pool_decay = self._decays()
         drive, pool = DF.divisive_normalization_terms(
-            _units.attach(x_m, unit), exponent=self.exponent, sigma=self.sigma, weights=self.weights,
-            feature_axis=self._call_axis(x_m.ndim), mask=mask,
+            _units.attach(x_m, unit),
+            exponent=self.exponent,
+            sigma=self.sigma,
+            weights=self.weights,
+            feature_axis=self._call_axis(x_m.ndim),
+            mask=mask,
         )
         state_dtype = self.conductance.value.dtype
         gain = jnp.asarray(_units.split(self.gain)[0], state_dtype)
         if gain.ndim:
-            gain = gain.reshape(tuple(self.num_channels if i == self.feature_axes[0] else 1
-                                      for i in range(len(self.in_size))))
+            gain = gain.reshape(
+                tuple(self.num_channels if i == self.feature_axes[0] else 1 for i in range(len(self.in_size)))
+            )
         conductance = self.conductance.value
         conductance = pool + (conductance - pool) * pool_decay
         target = gain * drive / (1 + conductance)

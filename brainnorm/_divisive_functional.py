@@ -46,8 +46,9 @@ def _is_concrete(value) -> bool:
 
 def check_exponent(owner, exponent) -> float:
     if isinstance(exponent, bool) or not isinstance(exponent, (numbers.Real, np.floating, np.integer)):
-        raise TypeError(f"{owner}: exponent must be a positive finite number, got "
-                        f"{type(exponent).__name__} {exponent!r}.")
+        raise TypeError(
+            f"{owner}: exponent must be a positive finite number, got {type(exponent).__name__} {exponent!r}."
+        )
     if not math.isfinite(float(exponent)) or exponent <= 0:
         raise ValueError(f"{owner}: exponent must be a positive finite number, got {exponent!r}.")
     return float(exponent)
@@ -71,8 +72,10 @@ def check_per_channel(owner, option, value, channels, *, minimum=None, strict=Fa
     value = jnp.asarray(value)
     _check_real(owner, option, value)
     if value.shape not in ((), (channels,), (1,)):
-        raise ValueError(f"{owner}: {option} must be a scalar or have shape ({channels},) (one value per "
-                         f"channel), got shape {value.shape}.")
+        raise ValueError(
+            f"{owner}: {option} must be a scalar or have shape ({channels},) (one value per "
+            f"channel), got shape {value.shape}."
+        )
     if minimum is not None and _is_concrete(value):
         values = np.asarray(value, np.float64)
         bad = ~np.isfinite(values) | ((values <= minimum) if strict else (values < minimum))
@@ -90,8 +93,10 @@ def check_pool_matrix(owner, option, matrix, channels):
     matrix = jnp.asarray(matrix)
     _check_real(owner, option, matrix)
     if matrix.shape != (channels, channels):
-        raise ValueError(f"{owner}: {option} must have shape ({channels}, {channels}) (one row per channel), "
-                         f"got shape {matrix.shape}.")
+        raise ValueError(
+            f"{owner}: {option} must have shape ({channels}, {channels}) (one row per channel), "
+            f"got shape {matrix.shape}."
+        )
     if _is_concrete(matrix):
         values = np.asarray(matrix, np.float64)
         if not np.all(np.isfinite(values) & (values >= 0)):
@@ -143,7 +148,10 @@ def _signed_power(x, exponent):
 
 
 def _pool(energy, matrix, axis):
-    """``sum_j matrix[i, j] * energy[..., j, ...]`` along ``axis`` (a matrix product, never a reduction over positions)."""
+    """``sum_j matrix[i, j] * energy[..., j, ...]`` along ``axis``.
+
+    A matrix product over channels, never a reduction over positions.
+    """
     moved = jnp.moveaxis(energy, axis, -1)
     pooled = jnp.matmul(moved, matrix.T.astype(moved.dtype), precision=jax.lax.Precision.HIGHEST)
     return jnp.moveaxis(pooled, -1, axis)
@@ -312,8 +320,9 @@ def _pooled(owner, x, exponent, sigma, weights, feature_axis, mask):
     exponent = check_exponent(owner, exponent)
     x_m, unit, axis, mask = _prepare(owner, x, feature_axis, mask)
     channels = x_m.shape[axis]
-    sigma_m = check_per_channel(owner, "sigma", _in_unit(owner, "sigma", sigma, unit), channels,
-                                minimum=0.0, strict=True)
+    sigma_m = check_per_channel(
+        owner, "sigma", _in_unit(owner, "sigma", sigma, unit), channels, minimum=0.0, strict=True
+    )
     if weights is None:
         matrix = jnp.full((channels, channels), 1.0 / channels)
     else:
@@ -389,7 +398,9 @@ def gdn(x, beta, gamma, *, inverse: bool = False, feature_axis: int = -1, mask=N
     x_m, unit, axis, mask = _prepare(owner, x, feature_axis, mask)
     channels = x_m.shape[axis]
     squared = None if unit is None else unit**2
-    beta_m = check_per_channel(owner, "beta", _in_unit(owner, "beta", beta, squared), channels, minimum=0.0, strict=True)
+    beta_m = check_per_channel(
+        owner, "beta", _in_unit(owner, "beta", beta, squared), channels, minimum=0.0, strict=True
+    )
     gamma_m = check_pool_matrix(owner, "gamma", gamma, channels)
 
     compute = stats_dtype(x_m.dtype)

@@ -103,7 +103,7 @@ class GroupNorm(_Normalization):
         self.feature_axes = feature
         self.feature_axis = feature[0]
         if reduction_axes is None:
-            self.reduction_axes = tuple(range(len(self.in_size)))
+            self.reduction_axes = tuple(range(len(self._size)))
         else:
             self.reduction_axes = self._sample_axes("reduction_axes", reduction_axes)
             if self.feature_axis not in self.reduction_axes:
@@ -111,19 +111,27 @@ class GroupNorm(_Normalization):
                     f"{owner}: reduction_axes must include feature_axis={feature_axis!r} (the group's "
                     f"channels), got {reduction_axes!r}."
                 )
-        self.num_groups, self.group_size = check_groups(
-            owner, self.in_size[self.feature_axis], num_groups, group_size
-        )
+        self.num_groups, self.group_size = check_groups(owner, self._size[self.feature_axis], num_groups, group_size)
         self.epsilon = check_epsilon(owner, epsilon)
-        self._set_common_options(axis_name=axis_name, axis_index_groups=axis_index_groups,
-                                 use_fast_variance=use_fast_variance, dtype=dtype, param_dtype=param_dtype)
+        self._set_common_options(
+            axis_name=axis_name,
+            axis_index_groups=axis_index_groups,
+            use_fast_variance=use_fast_variance,
+            dtype=dtype,
+            param_dtype=param_dtype,
+        )
         self.use_bias = check_flag(owner, "use_bias", use_bias)
         self.use_scale = check_flag(owner, "use_scale", use_scale)
         self.bias_init = bias_init
         self.scale_init = scale_init
         self.weight = self._affine_state(
-            self._feature_shape(self.feature_axes), use_scale=self.use_scale, use_bias=self.use_bias,
-            scale_init=scale_init, bias_init=bias_init, param_dtype=param_dtype, param_type=param_type,
+            self._feature_shape(self.feature_axes),
+            use_scale=self.use_scale,
+            use_bias=self.use_bias,
+            scale_init=scale_init,
+            bias_init=bias_init,
+            param_dtype=param_dtype,
+            param_type=param_type,
         )
 
     def update(self, x, mask=None, *, scale=None, bias=None):
@@ -149,11 +157,19 @@ class GroupNorm(_Normalization):
         scale, bias = self._call_affine(x_m.shape, _affine_values(self.weight), scale, bias)
         n_batch = x_m.ndim - len(self.in_size)
         return F.group_norm(
-            _units.attach(x_m, unit), self.num_groups, scale, bias,
+            _units.attach(x_m, unit),
+            self.num_groups,
+            scale,
+            bias,
             feature_axis=self._x_axes(self.feature_axes, x_m.ndim)[0],
-            reduction_axes=self._x_axes(self.reduction_axes, x_m.ndim), epsilon=self.epsilon, mask=mask,
-            batch_axes=tuple(range(n_batch)), use_fast_variance=self.use_fast_variance, axis_name=self.axis_name,
-            axis_index_groups=self.axis_index_groups, dtype=self.dtype,
+            reduction_axes=self._x_axes(self.reduction_axes, x_m.ndim),
+            epsilon=self.epsilon,
+            mask=mask,
+            batch_axes=tuple(range(n_batch)),
+            use_fast_variance=self.use_fast_variance,
+            axis_name=self.axis_name,
+            axis_index_groups=self.axis_index_groups,
+            dtype=self.dtype,
         )
 
 
@@ -242,17 +258,35 @@ class InstanceNorm(_RunningStatistics, _Normalization):
         super().__init__(in_size, name=name)
         owner = self._owner
         self._setup_statistics(
-            feature_axis=feature_axis, epsilon=epsilon, momentum=momentum, use_scale=use_scale, use_bias=use_bias,
-            scale_init=_pick(owner, "scale_init", scale_init, "scale_initializer", scale_initializer,
-                             brainstate.nn.init.Constant(1.0)),
-            bias_init=_pick(owner, "bias_init", bias_init, "bias_initializer", bias_initializer,
-                            brainstate.nn.init.Constant(0.0)),
-            track_running_stats=track_running_stats, unbiased_running_var=unbiased_running_var,
-            use_running_average=use_running_average, axis_name=axis_name, axis_index_groups=axis_index_groups,
-            use_fast_variance=use_fast_variance, dtype=dtype, param_dtype=param_dtype, param_type=param_type,
-            mean_type=mean_type, unit=unit,
+            feature_axis=feature_axis,
+            epsilon=epsilon,
+            momentum=momentum,
+            use_scale=use_scale,
+            use_bias=use_bias,
+            scale_init=_pick(
+                owner,
+                "scale_init",
+                scale_init,
+                "scale_initializer",
+                scale_initializer,
+                brainstate.nn.init.Constant(1.0),
+            ),
+            bias_init=_pick(
+                owner, "bias_init", bias_init, "bias_initializer", bias_initializer, brainstate.nn.init.Constant(0.0)
+            ),
+            track_running_stats=track_running_stats,
+            unbiased_running_var=unbiased_running_var,
+            use_running_average=use_running_average,
+            axis_name=axis_name,
+            axis_index_groups=axis_index_groups,
+            use_fast_variance=use_fast_variance,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            param_type=param_type,
+            mean_type=mean_type,
+            unit=unit,
         )
-        self.reduction_axes = tuple(a for a in range(len(self.in_size)) if a not in self.feature_axes)
+        self.reduction_axes = tuple(a for a in range(len(self._size)) if a not in self.feature_axes)
         if not self.reduction_axes:
             raise ValueError(
                 f"{owner}: in_size must have an axis besides feature_axis to compute instance "
@@ -283,17 +317,28 @@ class InstanceNorm(_RunningStatistics, _Normalization):
         scale, bias = self._call_affine(x_m.shape, _affine_values(self.weight), scale, bias)
         training = self._is_training(use_running_average)
         options = dict(
-            feature_axis=self._x_axes(self.feature_axes, x_m.ndim), epsilon=self.epsilon, mask=mask,
-            batch_axes=tuple(range(n_batch)), use_fast_variance=self.use_fast_variance, dtype=self.dtype,
+            feature_axis=self._x_axes(self.feature_axes, x_m.ndim),
+            epsilon=self.epsilon,
+            mask=mask,
+            batch_axes=tuple(range(n_batch)),
+            use_fast_variance=self.use_fast_variance,
+            dtype=self.dtype,
         )
         if not self.track_running_stats:
             return F.instance_norm(_units.attach(x_m, unit), scale, bias, **options)
         self._stats_unit(x_m, unit)  # clear errors for units that do not fit, before anything runs
         y, new_mean, new_var = F.instance_norm(
-            _units.attach(x_m, unit), scale, bias, running_mean=self.running_mean.value,
-            running_var=self.running_var.value, training=training, momentum=self._effective_momentum(),
-            unbiased_running_var=self.unbiased_running_var, axis_name=self.axis_name,
-            axis_index_groups=self.axis_index_groups, **options,
+            _units.attach(x_m, unit),
+            scale,
+            bias,
+            running_mean=self.running_mean.value,
+            running_var=self.running_var.value,
+            training=training,
+            momentum=self._effective_momentum(),
+            unbiased_running_var=self.unbiased_running_var,
+            axis_name=self.axis_name,
+            axis_index_groups=self.axis_index_groups,
+            **options,
         )
         if training:
             self.running_mean.value = new_mean

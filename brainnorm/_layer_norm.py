@@ -18,21 +18,31 @@ class _AxisNorm(_Normalization):
 
     _use_mean = True
 
-    def _setup_axes(self, reduction_axes, feature_axes, epsilon, axis_name, axis_index_groups,
-                    use_fast_variance, dtype, param_dtype):
+    def _setup_axes(
+        self, reduction_axes, feature_axes, epsilon, axis_name, axis_index_groups, use_fast_variance, dtype, param_dtype
+    ):
         self.reduction_axes = self._sample_axes("reduction_axes", reduction_axes)
         self.feature_axes = self._sample_axes("feature_axes", feature_axes)
         self.epsilon = check_epsilon(self._owner, epsilon, allow_none=True)
-        self._set_common_options(axis_name=axis_name, axis_index_groups=axis_index_groups,
-                                 use_fast_variance=use_fast_variance, dtype=dtype, param_dtype=param_dtype)
+        self._set_common_options(
+            axis_name=axis_name,
+            axis_index_groups=axis_index_groups,
+            use_fast_variance=use_fast_variance,
+            dtype=dtype,
+            param_dtype=param_dtype,
+        )
         return self._feature_shape(self.feature_axes)
 
     def _normalize_call(self, x, mask, scale, bias):
         x_m, unit, mask, _ = self._prepare_input(x, mask)
         scale, bias = self._call_affine(x_m.shape, self._params(), scale, bias)
         options = dict(
-            reduction_axes=self._x_axes(self.reduction_axes, x_m.ndim), epsilon=self.epsilon, mask=mask,
-            axis_name=self.axis_name, axis_index_groups=self.axis_index_groups, dtype=self.dtype,
+            reduction_axes=self._x_axes(self.reduction_axes, x_m.ndim),
+            epsilon=self.epsilon,
+            mask=mask,
+            axis_name=self.axis_name,
+            axis_index_groups=self.axis_index_groups,
+            dtype=self.dtype,
         )
         x = _units.attach(x_m, unit)
         if self._use_mean:
@@ -139,15 +149,21 @@ class LayerNorm(_AxisNorm):
         name=None,
     ):
         super().__init__(in_size, name=name)
-        feature_shape = self._setup_axes(reduction_axes, feature_axes, epsilon, axis_name, axis_index_groups,
-                                         use_fast_variance, dtype, param_dtype)
+        feature_shape = self._setup_axes(
+            reduction_axes, feature_axes, epsilon, axis_name, axis_index_groups, use_fast_variance, dtype, param_dtype
+        )
         self.use_bias = check_flag(self._owner, "use_bias", use_bias)
         self.use_scale = check_flag(self._owner, "use_scale", use_scale)
         self.bias_init = bias_init
         self.scale_init = scale_init
         self.weight = self._affine_state(
-            feature_shape, use_scale=self.use_scale, use_bias=self.use_bias, scale_init=scale_init,
-            bias_init=bias_init, param_dtype=param_dtype, param_type=param_type,
+            feature_shape,
+            use_scale=self.use_scale,
+            use_bias=self.use_bias,
+            scale_init=scale_init,
+            bias_init=bias_init,
+            param_dtype=param_dtype,
+            param_type=param_type,
         )
 
     def _params(self):
@@ -156,9 +172,12 @@ class LayerNorm(_AxisNorm):
     def update(self, x, mask=None, *, scale=None, bias=None):
         return self._normalize_call(x, mask, scale, bias)
 
-    update.__doc__ = _UPDATE_DOC.format(bias_name=", bias", what="``scale`` and ``bias``",
-                                        the_parameter="the learned parameter of that kind",
-                                        flags="``use_scale=False`` / ``use_bias=False``")
+    update.__doc__ = _UPDATE_DOC.format(
+        bias_name=", bias",
+        what="``scale`` and ``bias``",
+        the_parameter="the learned parameter of that kind",
+        flags="``use_scale=False`` / ``use_bias=False``",
+    )
 
 
 class RMSNorm(_AxisNorm):
@@ -222,13 +241,19 @@ class RMSNorm(_AxisNorm):
         name=None,
     ):
         super().__init__(in_size, name=name)
-        feature_shape = self._setup_axes(reduction_axes, feature_axes, epsilon, axis_name, axis_index_groups,
-                                         use_fast_variance, dtype, param_dtype)
+        feature_shape = self._setup_axes(
+            reduction_axes, feature_axes, epsilon, axis_name, axis_index_groups, use_fast_variance, dtype, param_dtype
+        )
         self.use_scale = check_flag(self._owner, "use_scale", use_scale)
         self.scale_init = scale_init
         self.scale = self._affine_state(
-            feature_shape, use_scale=self.use_scale, use_bias=False, scale_init=scale_init, bias_init=None,
-            param_dtype=param_dtype, param_type=param_type,
+            feature_shape,
+            use_scale=self.use_scale,
+            use_bias=False,
+            scale_init=scale_init,
+            bias_init=None,
+            param_dtype=param_dtype,
+            param_type=param_type,
         )
 
     def _params(self):
@@ -237,5 +262,6 @@ class RMSNorm(_AxisNorm):
     def update(self, x, mask=None, *, scale=None):
         return self._normalize_call(x, mask, scale, None)
 
-    update.__doc__ = _UPDATE_DOC.format(bias_name="", what="a ``scale``", the_parameter="the learned scale",
-                                        flags="``use_scale=False``")
+    update.__doc__ = _UPDATE_DOC.format(
+        bias_name="", what="a ``scale``", the_parameter="the learned scale", flags="``use_scale=False``"
+    )

@@ -77,6 +77,12 @@ class LocalResponseNorm(_Normalization):
         x_m, unit, mask, _ = self._prepare_input(x, mask)
         feature = self._x_axes(self.feature_axes, x_m.ndim)[0]
         return F.local_response_norm(
-            _units.attach(x_m, unit), self.size, alpha=self.alpha, beta=self.beta, k=self.k, feature_axis=feature,
-            mask=mask, dtype=self.dtype,
+            _units.attach(x_m, unit),
+            self.size,
+            alpha=self.alpha,
+            beta=self.beta,
+            k=self.k,
+            feature_axis=feature,
+            mask=mask,
+            dtype=self.dtype,
         )

@@ -30,14 +30,14 @@ class _ConstructorSignature:
     def __get__(self, instance: object, owner: type) -> inspect.Signature | None:
         if instance is not None:
             return None
-        signature = inspect.signature(owner.__init__)
+        signature = inspect.signature(vars(owner).get("__init__") or inspect.getattr_static(owner, "__init__"))
         parameters = list(signature.parameters.values())[1:]  # drop ``self``
         return signature.replace(parameters=parameters, return_annotation=inspect.Signature.empty)
 
 
 def _metaclass_hides_init(cls: type) -> bool:
     """True when ``type(cls)`` overrides ``__call__``, which is what :func:`inspect.signature` reports."""
-    return any("__call__" in vars(meta) for meta in type(cls).__mro__ if meta is not type)
+    return any("__call__" in vars(meta) for meta in inspect.getmro(type(cls)) if meta is not type)
 
 
 def expose_signatures(namespace: Mapping[str, Any]) -> list[str]:
@@ -66,6 +66,6 @@ def expose_signatures(namespace: Mapping[str, Any]) -> list[str]:
         obj = namespace.get(name)
         if not isinstance(obj, type) or "__signature__" in vars(obj) or not _metaclass_hides_init(obj):
             continue
-        obj.__signature__ = _ConstructorSignature()
+        type.__setattr__(obj, "__signature__", _ConstructorSignature())
         exposed.append(name)
     return exposed

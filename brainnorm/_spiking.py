@@ -19,10 +19,10 @@ import numpy as np
 
 from . import _units
 from ._base import _affine_values, _Normalization, _resolve_init
-from .functional import neu_norm, temporal_accumulated_batch_norm
 from ._states import NormalizationParamState
-from ._temporal import _TemporalBatchNorm, _reshape_q, _set_step, _set_steps, _time_slice
+from ._temporal import _reshape_q, _set_step, _set_steps, _TemporalBatchNorm, _time_slice
 from ._validation import check_choice
+from .functional import neu_norm, temporal_accumulated_batch_norm
 
 __all__ = ["TemporalAccumulatedBatchNorm", "NeuNorm"]
 
@@ -112,20 +112,56 @@ class TemporalAccumulatedBatchNorm(_TemporalBatchNorm):
 
     _per_step_statistics = True
 
-    def __init__(self, in_size, num_steps, feature_axis=-1, *, epsilon=1e-5, momentum=0.99, use_scale=True,
-                 use_bias=True, scale_init=None, bias_init=None, p_init=None, track_running_stats=True,
-                 unbiased_running_var=False, use_running_average=None, axis_name=None, axis_index_groups=None,
-                 use_fast_variance=False, step_mode="single", dtype=None, param_dtype=None,
-                 param_type=NormalizationParamState, mean_type=brainstate.ShortTermState, unit=None, name=None):
+    def __init__(
+        self,
+        in_size,
+        num_steps,
+        feature_axis=-1,
+        *,
+        epsilon=1e-5,
+        momentum=0.99,
+        use_scale=True,
+        use_bias=True,
+        scale_init=None,
+        bias_init=None,
+        p_init=None,
+        track_running_stats=True,
+        unbiased_running_var=False,
+        use_running_average=None,
+        axis_name=None,
+        axis_index_groups=None,
+        use_fast_variance=False,
+        step_mode="single",
+        dtype=None,
+        param_dtype=None,
+        param_type=NormalizationParamState,
+        mean_type=brainstate.ShortTermState,
+        unit=None,
+        name=None,
+    ):
         super().__init__(
-            in_size, feature_axis, num_steps, epsilon=epsilon, momentum=momentum, use_scale=use_scale,
+            in_size,
+            feature_axis,
+            num_steps,
+            epsilon=epsilon,
+            momentum=momentum,
+            use_scale=use_scale,
             use_bias=use_bias,
             scale_init=brainstate.nn.init.Constant(1.0) if scale_init is None else scale_init,
             bias_init=brainstate.nn.init.Constant(0.0) if bias_init is None else bias_init,
-            track_running_stats=track_running_stats, unbiased_running_var=unbiased_running_var,
-            use_running_average=use_running_average, axis_name=axis_name, axis_index_groups=axis_index_groups,
-            use_fast_variance=use_fast_variance, step_mode=step_mode, dtype=dtype, param_dtype=param_dtype,
-            param_type=param_type, mean_type=mean_type, unit=unit, name=name,
+            track_running_stats=track_running_stats,
+            unbiased_running_var=unbiased_running_var,
+            use_running_average=use_running_average,
+            axis_name=axis_name,
+            axis_index_groups=axis_index_groups,
+            use_fast_variance=use_fast_variance,
+            step_mode=step_mode,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            param_type=param_type,
+            mean_type=mean_type,
+            unit=unit,
+            name=name,
         )
         dtype = brainstate.environ.dftype() if param_dtype is None else param_dtype
         p_init = brainstate.nn.init.Constant(1.0) if p_init is None else p_init
@@ -161,19 +197,27 @@ class TemporalAccumulatedBatchNorm(_TemporalBatchNorm):
             raw = self._raw_index(t)
             slot = self._step_index(raw)
             accumulated = self._stored_sums(raw)
-            y, written = self._steps(x_q[None], None if mask is None else _time_slice(mask, x_m.ndim + 1, 0, 1),
-                                     slot, 1, training, accumulated)
+            y, written = self._steps(
+                x_q[None],
+                None if mask is None else _time_slice(mask, x_m.ndim + 1, 0, 1),
+                slot,
+                1,
+                training,
+                accumulated,
+            )
             self._commit(written, keep_sums=True)
             return _squeeze_time(y)
         steps = x_m.shape[0]
         head = min(steps, self.num_steps)
-        y, written = self._steps(x_q[:head], None if mask is None else _time_slice(mask, x_m.ndim, 0, head),
-                                 0, head, training, None)
+        y, written = self._steps(
+            x_q[:head], None if mask is None else _time_slice(mask, x_m.ndim, 0, head), 0, head, training, None
+        )
         outputs = [_units.split(y)[0]]
         for step in range(head, steps):  # past num_steps: the last slot, in order
             step_mask = None if mask is None else _time_slice(mask, x_m.ndim, step, step + 1)
-            y_t, written = self._steps(x_q[step:step + 1], step_mask, self.num_steps - 1, 1, training,
-                                       written["accumulated"], written)
+            y_t, written = self._steps(
+                x_q[step : step + 1], step_mask, self.num_steps - 1, 1, training, written["accumulated"], written
+            )
             outputs.append(_units.split(y_t)[0])
         self._commit(written, keep_sums=False)
         if len(outputs) == 1:
@@ -228,11 +272,24 @@ class TemporalAccumulatedBatchNorm(_TemporalBatchNorm):
             if jnp.ndim(momentum):
                 momentum = jnp.reshape(momentum, (steps,) + (1,) * (len(broadcast) - 1))
         y, new_mean, new_var, sums = temporal_accumulated_batch_norm(
-            x_q, running_mean, running_var, scale, bias, p, training=training,
-            feature_axes=self._x_axes(self.feature_axes, x_m.ndim), momentum=momentum,
-            epsilon=self.epsilon, mask=mask, unbiased_running_var=self.unbiased_running_var,
-            accumulated=accumulated, return_accumulated=True, axis_name=self.axis_name,
-            axis_index_groups=self.axis_index_groups, use_fast_variance=self.use_fast_variance, dtype=self.dtype,
+            x_q,
+            running_mean,
+            running_var,
+            scale,
+            bias,
+            p,
+            training=training,
+            feature_axes=self._x_axes(self.feature_axes, x_m.ndim),
+            momentum=momentum,
+            epsilon=self.epsilon,
+            mask=mask,
+            unbiased_running_var=self.unbiased_running_var,
+            accumulated=accumulated,
+            return_accumulated=True,
+            axis_name=self.axis_name,
+            axis_index_groups=self.axis_index_groups,
+            use_fast_variance=self.use_fast_variance,
+            dtype=self.dtype,
         )
         written = dict(state)
         written["accumulated"] = sums
@@ -253,7 +310,7 @@ class TemporalAccumulatedBatchNorm(_TemporalBatchNorm):
             stored = self.accumulated.value
             self.accumulated.value = {
                 name: jnp.reshape(jnp.asarray(value), stored[name].shape).astype(stored[name].dtype)
-                for name, value in zip(("count", "shift", "total", "total_sq"), sums)
+                for name, value in zip(("count", "shift", "total", "total_sq"), sums, strict=True)
             }
 
 
@@ -353,8 +410,19 @@ class NeuNorm(_Normalization):
     (0.95, (3, 4, 4, 1))
     """
 
-    def __init__(self, in_size, feature_axis=-1, *, k=0.9, shared_across_channels=False, w_init=None,
-                 step_mode="single", param_dtype=None, param_type=brainstate.ParamState, name=None):
+    def __init__(
+        self,
+        in_size,
+        feature_axis=-1,
+        *,
+        k=0.9,
+        shared_across_channels=False,
+        w_init=None,
+        step_mode="single",
+        param_dtype=None,
+        param_type=brainstate.ParamState,
+        name=None,
+    ):
         super().__init__(in_size, name=name)
         owner = self._owner
         self.feature_axes = self._sample_axes("feature_axis", feature_axis)
@@ -417,7 +485,7 @@ class NeuNorm(_Normalization):
                 f"{self._owner}: step_mode='multi' expects input (T, *batch, *in_size) with "
                 f"in_size={self.in_size}, got shape {x_m.shape} (no time axis)."
             )
-        step_batch = x_m.shape[1 if multi else 0:n_batch]
+        step_batch = x_m.shape[1 if multi else 0 : n_batch]
         expected = tuple(step_batch) + self.state_shape
         state = self.activity.value
         if tuple(jnp.shape(state)) != expected:
@@ -428,8 +496,12 @@ class NeuNorm(_Normalization):
             )
         offset = x_m.ndim - len(self.in_size) - (1 if multi else 0)
         y, activity = neu_norm(
-            _units.attach(x_m, unit), self.w.value, state, k=self.k,
-            feature_axes=tuple(offset + a for a in self.feature_axes), multi_step=multi,
+            _units.attach(x_m, unit),
+            self.w.value,
+            state,
+            k=self.k,
+            feature_axes=tuple(offset + a for a in self.feature_axes),
+            multi_step=multi,
         )
         self.activity.value = _units.split(activity)[0].astype(jnp.result_type(state))
         return y

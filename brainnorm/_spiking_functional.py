@@ -25,7 +25,7 @@ statistics core (:mod:`brainnorm._stats`); the layers of
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -73,10 +73,10 @@ class AccumulatedSums(NamedTuple):
         Sum of ``|x - k|^2`` over the valid elements.
     """
 
-    count: jax.Array
-    shift: jax.Array
-    total: jax.Array
-    total_sq: jax.Array
+    count: Any  # arrays (JAX or NumPy); the field may shadow tuple.count
+    shift: Any
+    total: Any
+    total_sq: Any
 
 
 def _is_static(count) -> bool:
@@ -108,9 +108,7 @@ def _per_step(owner, option, value, steps, ndim):
     """A per-step array (``p``) of ``steps`` entries, shaped ``(steps, 1, ..., 1)`` for rank ``ndim``."""
     value = jnp.asarray(_units.in_unit(owner, option, value, None))
     if value.size != steps and value.size != 1:
-        raise ValueError(
-            f"{owner}: {option} must have one entry per time step ({steps}), got shape {value.shape}."
-        )
+        raise ValueError(f"{owner}: {option} must have one entry per time step ({steps}), got shape {value.shape}.")
     return jnp.reshape(value, (-1,) + (1,) * (ndim - 1))
 
 
@@ -123,7 +121,7 @@ def _accumulated_in(owner, accumulated, stat_shape, dtype):
         )
     size = int(np.prod(stat_shape))
     values = []
-    for name, value in zip(AccumulatedSums._fields, accumulated):
+    for name, value in zip(AccumulatedSums._fields, accumulated, strict=True):
         value = jnp.asarray(_units.split(value)[0])
         if value.size != size:
             raise ValueError(
@@ -146,9 +144,9 @@ def _accumulate(step_moments: Moments, accumulated):
     var = step_moments.var
     real = var.dtype
     steps = var.shape[0]
-    first_shift = (jnp.zeros_like(step_moments.delta[:1]) if step_moments.shift is None
-                   else step_moments.shift[:1])
+    first_shift = jnp.zeros_like(step_moments.delta[:1]) if step_moments.shift is None else step_moments.shift[:1]
     count = step_moments.count
+    step_count: Any
     if _is_static(count):
         # unmasked, single device: every statistic of a step counts the same
         step_count = np.full((steps,) + (1,) * (var.ndim - 1), count, dtype=np.dtype(real))
@@ -335,7 +333,11 @@ def temporal_accumulated_batch_norm(
     else:
         groups = None if axis_index_groups is None else tuple(tuple(int(i) for i in g) for g in axis_index_groups)
         step_moments = compute_moments(
-            x_m, axes, mask=mask, use_fast_variance=bool(use_fast_variance), axis_name=axis_name,
+            x_m,
+            axes,
+            mask=mask,
+            use_fast_variance=bool(use_fast_variance),
+            axis_name=axis_name,
             axis_index_groups=groups,
         )
         stats, last = _accumulate(step_moments, accumulated)
@@ -345,12 +347,14 @@ def temporal_accumulated_batch_norm(
             new_mean, new_var = running_update(
                 mean, var, stats.mean, stats.var, stats.count, momentum, unbiased_var=unbiased_running_var
             )
-    result = (_units.attach(y, out_unit),)
+    result: tuple = (_units.attach(y, out_unit),)
     if new_mean is None:
         result += (None, None)
     else:
-        result += (_units.attach(new_mean, stats_unit),
-                   _units.attach(new_var, None if stats_unit is None else stats_unit**2))
+        result += (
+            _units.attach(new_mean, stats_unit),
+            _units.attach(new_var, None if stats_unit is None else stats_unit**2),
+        )
     if return_accumulated:
         result += (last,)
     return result
@@ -419,8 +423,7 @@ def neu_norm(x, weight, state=None, *, k=0.9, feature_axes=-1, multi_step=False)
     step_ndim = x_m.ndim - (1 if multi_step else 0)
     if step_ndim < 1:
         raise ValueError(
-            f"{owner}: x must have a channel axis{' after the time axis' if multi_step else ''}, "
-            f"got shape {x_m.shape}."
+            f"{owner}: x must have a channel axis{' after the time axis' if multi_step else ''}, got shape {x_m.shape}."
         )
     feature = canonical_axes(owner, "feature_axes", feature_axes, step_ndim)
     offset = 1 if multi_step else 0
@@ -446,6 +449,7 @@ def neu_norm(x, weight, state=None, *, k=0.9, feature_axes=-1, multi_step=False)
             ) from None
         previous = jnp.broadcast_to(previous, step_shape).astype(drive.dtype)
     if multi_step:
+
         def step(a, d):
             a = k * a + d
             return a, a

@@ -68,7 +68,7 @@ from __future__ import annotations
 import functools
 import inspect
 import math
-from typing import NamedTuple, Optional, Sequence
+from typing import Any, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -85,18 +85,21 @@ class Moments(NamedTuple):
     (RMS normalization). With a ``scale`` (a power of two per group, see
     :func:`_magnitude_scale`), ``delta`` and ``var`` are those of
     ``(x - shift) * scale``: the core's own form, which cannot overflow where
-    the squares of ``x`` would; :meth:`unscaled` gives them in ``x``'s unit. ``count`` is the number of valid elements behind each
-    statistic (summed across devices with ``axis_name``): an array, or a NumPy
-    scalar when it is one number known at trace time (unmasked data), which
+    the squares of ``x`` would; :meth:`unscaled` gives them in ``x``'s unit.
+    ``count`` is the number of valid elements behind each statistic (summed
+    across devices with ``axis_name``): an array, or a NumPy scalar when it is
+    one number known at trace time (unmasked data), which
     keeps the traced program free of tests that cannot fail; None for
     statistics given from outside (running averages), which are never empty.
     """
 
-    shift: Optional[jax.Array]
-    delta: Optional[jax.Array]
-    var: jax.Array
-    count: Optional[jax.Array]
-    scale: Optional[jax.Array] = None
+    # Fields hold JAX or NumPy arrays (or None where documented). ``count``
+    # shadows ``tuple.count``, which a NamedTuple field may do.
+    shift: Any
+    delta: Any
+    var: Any
+    count: Any
+    scale: Any = None
 
     @property
     def mean(self) -> jax.Array:
@@ -144,11 +147,11 @@ class _Sums(NamedTuple):
     without a mean (RMS).
     """
 
-    count: jax.Array
-    shift: Optional[jax.Array]
-    s1: Optional[jax.Array]
-    s2: jax.Array
-    scale: Optional[jax.Array] = None
+    count: Any  # (a field may shadow tuple.count)
+    shift: Any
+    s1: Any
+    s2: Any
+    scale: Any = None
 
 
 def _static(count) -> bool:
@@ -269,8 +272,7 @@ def _magnitude_scale(magnitude):
     biased = (raw >> np.array(info.nmant, bits)).astype(jnp.int32) & (2 * bias + 1)
     # magnitude in [2^(e-1), 2^e) with e = biased - bias + 1; 0 and subnormals give e <= -125
     exponent = jnp.clip(biased - (bias - 1), 0, bias - 1)  # 2^-(bias-1) is the smallest normal number
-    return jax.lax.bitcast_convert_type((bias - exponent).astype(bits) << np.array(info.nmant, bits),
-                                        magnitude.dtype)
+    return jax.lax.bitcast_convert_type((bias - exponent).astype(bits) << np.array(info.nmant, bits), magnitude.dtype)
 
 
 def _element_shift_possible(x, axes) -> bool:
@@ -342,6 +344,7 @@ def _merge(sums: _Sums, axis: int) -> _Sums:
 
 
 def _finalize(sums: _Sums) -> Moments:
+    n: Any
     if _static(sums.count):
         n = float(np.maximum(sums.count, 1))
     else:
@@ -408,7 +411,7 @@ def compute_group_moments(
     per_channel_axes = tuple(sorted(a for a in axes if a != feature_axis))
     sums = _local_sums(x, per_channel_axes, mask, True, use_fast_variance)
     channels = x.shape[feature_axis]
-    grouped_shape = x.shape[:feature_axis] + (num_groups, channels // num_groups) + x.shape[feature_axis + 1:]
+    grouped_shape = x.shape[:feature_axis] + (num_groups, channels // num_groups) + x.shape[feature_axis + 1 :]
 
     def split(value):
         if value is None or _static(value):
@@ -424,8 +427,10 @@ def compute_group_moments(
     def per_channel(value):
         if value is None or _static(value):
             return value
-        full = value.shape[:feature_axis + 1] + (channels // num_groups,) + value.shape[feature_axis + 2:]
-        return jnp.reshape(jnp.broadcast_to(value, full), value.shape[:feature_axis] + (channels,) + value.shape[feature_axis + 2:])
+        full = value.shape[: feature_axis + 1] + (channels // num_groups,) + value.shape[feature_axis + 2 :]
+        return jnp.reshape(
+            jnp.broadcast_to(value, full), value.shape[:feature_axis] + (channels,) + value.shape[feature_axis + 2 :]
+        )
 
     moments = Moments(*(per_channel(v) for v in moments))
     return moments if scaled else moments.unscaled()
@@ -445,9 +450,7 @@ def _group_element(x, axes):
     """
     pairs = [a for a in axes if x.shape[a] >= 2]
     along = pairs[-1] if pairs else None
-    index = tuple(
-        slice(0, 2) if i == along else slice(0, 1) if i in axes else slice(None) for i in range(x.ndim)
-    )
+    index = tuple(slice(0, 2) if i == along else slice(0, 1) if i in axes else slice(None) for i in range(x.ndim))
     first = x[index]
     if along is None:
         return first, jnp.abs(first)  # groups of one element
@@ -483,7 +486,7 @@ def _varies_along(value, name) -> bool:
     aval = jax.typeof(value)
     manual = getattr(aval, "manual_axis_type", None)
     varying = getattr(manual, "varying", None) if manual is not None else getattr(aval, "vma", None)
-    return bool(varying) and name in varying
+    return varying is not None and bool(varying) and name in varying
 
 
 def _gather(value, name, axis_index_groups):
@@ -515,17 +518,21 @@ def _combine_across_devices(sums: _Sums, axis_name, axis_index_groups) -> _Sums:
     fields = [("count", count), ("shift", sums.shift), ("s1", s1), ("s2", s2), ("scale", sums.scale)]
     fields = [(name, value) for name, value in fields if value is not None]
     common = jnp.result_type(*(value for _, value in fields))
-    parts = jnp.stack([value.astype(common) for _, value in fields])
-    gathered = parts
+    local = jnp.stack([value.astype(common) for _, value in fields])
+    gathered = local
     for name in _as_tuple_name(axis_name):
         gathered = _gather(gathered, name, axis_index_groups)
-        gathered = gathered.reshape((-1,) + parts.shape)
+        gathered = gathered.reshape((-1,) + local.shape)
     real = {"count", "s2", "scale"}
     members = {name: gathered[:, i].real if name in real else gathered[:, i] for i, (name, _) in enumerate(fields)}
     merged = _merge(_Sums(**{"shift": None, "s1": None, **members}), axis=0)
     dtypes = dict(fields)
-    return _Sums(**{name: None if getattr(merged, name) is None
-                    else getattr(merged, name)[0].astype(dtypes[name].dtype) for name in _Sums._fields})
+    return _Sums(
+        **{
+            name: None if getattr(merged, name) is None else getattr(merged, name)[0].astype(dtypes[name].dtype)
+            for name in _Sums._fields
+        }
+    )
 
 
 def inverse_std(moments: Moments, epsilon):
@@ -597,11 +604,16 @@ class Reduction(NamedTuple):
     axis_index_groups: Optional[tuple] = None
 
     def moments(self, x, mask) -> Moments:
-        options = dict(mask=mask, use_fast_variance=self.use_fast_variance, axis_name=self.axis_name,
-                       axis_index_groups=self.axis_index_groups)
+        options = dict(
+            mask=mask,
+            use_fast_variance=self.use_fast_variance,
+            axis_name=self.axis_name,
+            axis_index_groups=self.axis_index_groups,
+        )
         if self.groups is None:
             return compute_moments(x, self.axes, use_mean=self.use_mean, scaled=True, **options)
-        return compute_group_moments(x, *self.groups, self.axes, scaled=True, **options)
+        feature_axis, num_groups = self.groups
+        return compute_group_moments(x, feature_axis, num_groups, self.axes, scaled=True, **options)
 
     def total(self, values):
         """Sums of ``values`` (full size, 0 at padding) over each group, shaped like the moments."""
@@ -612,7 +624,7 @@ class Reduction(NamedTuple):
             per_channel = tuple(a for a in self.axes if a != feature)
             sums = _sum_kept(values, per_channel)
             channels = sums.shape[feature]
-            split = sums.shape[:feature] + (num_groups, channels // num_groups) + sums.shape[feature + 1:]
+            split = sums.shape[:feature] + (num_groups, channels // num_groups) + sums.shape[feature + 1 :]
             grouped = _sum_kept(jnp.reshape(sums, split), (feature + 1,))
             sums = jnp.reshape(jnp.broadcast_to(grouped, split), sums.shape)
         if self.axis_name is not None:
@@ -642,10 +654,16 @@ class Renorm(NamedTuple):
         """``(scale * r, scale * d + bias)`` and their tangents (``r``, ``d`` constant)."""
         batch = stats.unscaled()
         dtype = batch.var.dtype
-        mean = jnp.reshape(self.running_mean, batch.var.shape) if jnp.size(self.running_mean) == batch.var.size \
+        mean = (
+            jnp.reshape(self.running_mean, batch.var.shape)
+            if jnp.size(self.running_mean) == batch.var.size
             else self.running_mean
-        var = jnp.reshape(self.running_var, batch.var.shape) if jnp.size(self.running_var) == batch.var.size \
+        )
+        var = (
+            jnp.reshape(self.running_var, batch.var.shape)
+            if jnp.size(self.running_var) == batch.var.size
             else self.running_var
+        )
         inv_sigma = jax.lax.rsqrt(jnp.asarray(var, dtype) + epsilon)
         r = jnp.clip(jnp.sqrt(batch.var + epsilon) * inv_sigma, 1 / self.r_max, self.r_max)
         d = jnp.clip((batch.mean - jnp.asarray(mean, dtype)) * inv_sigma, -self.d_max, self.d_max)
@@ -667,8 +685,18 @@ class Renorm(NamedTuple):
         return new_scale, new_bias, d_new_scale, d_new_bias
 
 
-def normalize_over(x, reduction: Reduction, *, mask=None, scale=None, bias=None, epsilon, out_dtype=None,
-                   with_moments=True, renorm: Optional[Renorm] = None):
+def normalize_over(
+    x,
+    reduction: Reduction,
+    *,
+    mask=None,
+    scale=None,
+    bias=None,
+    epsilon,
+    out_dtype=None,
+    with_moments=True,
+    renorm: Optional[Renorm] = None,
+):
     """Normalize ``x`` with its own statistics: ``(y, moments)`` (``moments`` None unless ``with_moments``).
 
     ``y = ((x - shift) - delta) * rsqrt(var + eps) * scale + bias`` (without
@@ -687,15 +715,18 @@ def normalize_over(x, reduction: Reduction, *, mask=None, scale=None, bias=None,
     scale = scale if scale is None or _inexact(scale) else jnp.asarray(scale, stats_dtype(x.dtype))
     bias = bias if bias is None or _inexact(bias) else jnp.asarray(bias, stats_dtype(x.dtype))
     if renorm is not None:
-        renorm = renorm._replace(running_mean=jax.lax.stop_gradient(renorm.running_mean),
-                                 running_var=jax.lax.stop_gradient(renorm.running_var),
-                                 active=jnp.asarray(renorm.active, bool))
-    y, stats = _normalized(reduction, out_dtype or x.dtype, bool(with_moments), x, mask, scale, bias, epsilon,
-                           renorm)
+        renorm = renorm._replace(
+            running_mean=jax.lax.stop_gradient(renorm.running_mean),
+            running_var=jax.lax.stop_gradient(renorm.running_var),
+            active=jnp.asarray(renorm.active, bool),
+        )
+    y, stats = _normalized(reduction, out_dtype or x.dtype, bool(with_moments), x, mask, scale, bias, epsilon, renorm)
     if stats is not None and mask is None:
         # unmasked counts are known at trace time: keep them static
-        count = np.asarray(math.prod(x.shape[a] for a in reduction.axes if reduction.groups is None
-                                     or a != reduction.groups[0]), stats.count.dtype)
+        count = np.asarray(
+            math.prod(x.shape[a] for a in reduction.axes if reduction.groups is None or a != reduction.groups[0]),
+            stats.count.dtype,
+        )
         if reduction.groups is not None:
             count = count * (x.shape[reduction.groups[0]] // reduction.groups[1])
         if reduction.axis_name is None:
@@ -739,7 +770,8 @@ def _normalized_jvp(reduction, out_dtype, with_moments, primals, tangents):
         d_scale = _instantiate(d_scale, scale)
         d_bias = _instantiate(d_bias, bias)
         scale, bias, d_scale, d_bias = renorm.corrected_affine(
-            stats, epsilon, scale, bias, d_scale if d_scale is not None else 0.0, d_bias)
+            stats, epsilon, scale, bias, d_scale if d_scale is not None else 0.0, d_bias
+        )
     y = apply_moments(x, stats, epsilon=epsilon, scale=scale, bias=bias, out_dtype=out_dtype)
     # The tangent is formed on the scaled values (x - shift) * s of the moments
     # (their tangent is dx * s): every per-group product then stays near 1, in
@@ -758,6 +790,7 @@ def _normalized_jvp(reduction, out_dtype, with_moments, primals, tangents):
     n = float(np.maximum(stats.count, 1)) if _static(stats.count) else jnp.maximum(stats.count, 1)
 
     if mask is None:
+
         def mean_of(values):
             return reduction.total(values) / n
 
@@ -903,8 +936,9 @@ def running_update(old_mean, old_var, batch_mean, batch_var, count, momentum, *,
     return _select(has_data, new_mean, old_mean), _select(has_data, new_var, old_var)
 
 
-def instance_running_statistics(moments: Moments, batch_axes, *, unbiased_var=False, axis_name=None,
-                                axis_index_groups=None):
+def instance_running_statistics(
+    moments: Moments, batch_axes, *, unbiased_var=False, axis_name=None, axis_index_groups=None
+):
     """Batch average of per-instance statistics (PyTorch's InstanceNorm tracking).
 
     Returns ``(mean, var, instances)`` reduced over ``batch_axes`` (kept with
@@ -920,13 +954,18 @@ def instance_running_statistics(moments: Moments, batch_axes, *, unbiased_var=Fa
     if axis_name is None:
         # weights that sum to 1: no sum of variances near float32's largest value can overflow
         weight = has_data / jnp.maximum(instances, 1)
-        return (jnp.sum(weight * mean, axis=batch_axes, keepdims=True),
-                jnp.sum(weight * var, axis=batch_axes, keepdims=True), instances)
-    sums = jnp.stack([
-        instances,
-        jnp.sum(has_data * mean, axis=batch_axes, keepdims=True),
-        jnp.sum(has_data * var, axis=batch_axes, keepdims=True),
-    ])
+        return (
+            jnp.sum(weight * mean, axis=batch_axes, keepdims=True),
+            jnp.sum(weight * var, axis=batch_axes, keepdims=True),
+            instances,
+        )
+    sums = jnp.stack(
+        [
+            instances,
+            jnp.sum(has_data * mean, axis=batch_axes, keepdims=True),
+            jnp.sum(has_data * var, axis=batch_axes, keepdims=True),
+        ]
+    )
     instances, mean_sum, var_sum = jax.lax.psum(sums, axis_name, axis_index_groups=axis_index_groups)
     safe = jnp.maximum(instances, 1)
     return mean_sum / safe, var_sum / safe, instances

@@ -23,9 +23,7 @@ All three layers share the BatchNorm machinery of
 
 from __future__ import annotations
 
-
 import brainstate
-import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -75,11 +73,24 @@ class _TemporalBatchNorm(_RunningStatistics, _Normalization):
         self.num_steps = None if num_steps is None else check_positive_int(owner, "num_steps", num_steps)
         self.step_mode = check_choice(owner, "step_mode", step_mode, ("single", "multi"))
         self._setup_statistics(
-            feature_axis=feature_axis, epsilon=epsilon, momentum=momentum, use_scale=use_scale, use_bias=use_bias,
-            scale_init=scale_init, bias_init=bias_init, track_running_stats=track_running_stats,
-            unbiased_running_var=unbiased_running_var, use_running_average=use_running_average,
-            axis_name=axis_name, axis_index_groups=axis_index_groups, use_fast_variance=use_fast_variance,
-            dtype=dtype, param_dtype=param_dtype, param_type=param_type, mean_type=mean_type, unit=unit,
+            feature_axis=feature_axis,
+            epsilon=epsilon,
+            momentum=momentum,
+            use_scale=use_scale,
+            use_bias=use_bias,
+            scale_init=scale_init,
+            bias_init=bias_init,
+            track_running_stats=track_running_stats,
+            unbiased_running_var=unbiased_running_var,
+            use_running_average=use_running_average,
+            axis_name=axis_name,
+            axis_index_groups=axis_index_groups,
+            use_fast_variance=use_fast_variance,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            param_type=param_type,
+            mean_type=mean_type,
+            unit=unit,
             leading_shape=(self.num_steps,) if self._per_step_statistics else (),
         )
 
@@ -179,20 +190,55 @@ class BatchNormThroughTime(_TemporalBatchNorm):
 
     _per_step_statistics = True
 
-    def __init__(self, in_size, num_steps, feature_axis=-1, *, epsilon=1e-5, momentum=0.99, use_scale=True,
-                 use_bias=False, scale_init=None, bias_init=None, track_running_stats=True,
-                 unbiased_running_var=False, use_running_average=None, axis_name=None, axis_index_groups=None,
-                 use_fast_variance=False, step_mode="single", dtype=None, param_dtype=None,
-                 param_type=NormalizationParamState, mean_type=brainstate.ShortTermState, unit=None, name=None):
+    def __init__(
+        self,
+        in_size,
+        num_steps,
+        feature_axis=-1,
+        *,
+        epsilon=1e-5,
+        momentum=0.99,
+        use_scale=True,
+        use_bias=False,
+        scale_init=None,
+        bias_init=None,
+        track_running_stats=True,
+        unbiased_running_var=False,
+        use_running_average=None,
+        axis_name=None,
+        axis_index_groups=None,
+        use_fast_variance=False,
+        step_mode="single",
+        dtype=None,
+        param_dtype=None,
+        param_type=NormalizationParamState,
+        mean_type=brainstate.ShortTermState,
+        unit=None,
+        name=None,
+    ):
         super().__init__(
-            in_size, feature_axis, num_steps, epsilon=epsilon, momentum=momentum, use_scale=use_scale,
+            in_size,
+            feature_axis,
+            num_steps,
+            epsilon=epsilon,
+            momentum=momentum,
+            use_scale=use_scale,
             use_bias=use_bias,
             scale_init=brainstate.nn.init.Constant(1.0) if scale_init is None else scale_init,
             bias_init=brainstate.nn.init.Constant(0.0) if bias_init is None else bias_init,
-            track_running_stats=track_running_stats, unbiased_running_var=unbiased_running_var,
-            use_running_average=use_running_average, axis_name=axis_name, axis_index_groups=axis_index_groups,
-            use_fast_variance=use_fast_variance, step_mode=step_mode, dtype=dtype, param_dtype=param_dtype,
-            param_type=param_type, mean_type=mean_type, unit=unit, name=name,
+            track_running_stats=track_running_stats,
+            unbiased_running_var=unbiased_running_var,
+            use_running_average=use_running_average,
+            axis_name=axis_name,
+            axis_index_groups=axis_index_groups,
+            use_fast_variance=use_fast_variance,
+            step_mode=step_mode,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            param_type=param_type,
+            mean_type=mean_type,
+            unit=unit,
+            name=name,
         )
 
     def update(self, x, mask=None, *, t=None, use_running_average=None):
@@ -217,8 +263,9 @@ class BatchNormThroughTime(_TemporalBatchNorm):
             return self._single_step(x_m, unit, mask, self._step_index(t), training, stats_unit)
         steps = x_m.shape[0]
         head = min(steps, self.num_steps)
-        y_head = self._steps(x_m[:head], unit, None if mask is None else _time_slice(mask, x_m.ndim, 0, head),
-                             training, stats_unit)
+        y_head = self._steps(
+            x_m[:head], unit, None if mask is None else _time_slice(mask, x_m.ndim, 0, head), training, stats_unit
+        )
         outputs = [y_head]
         for step in range(head, steps):  # past num_steps: the last step's slot, in order
             step_mask = None if mask is None else _time_slice(mask, x_m.ndim, step, step + 1)[0]
@@ -242,11 +289,13 @@ class BatchNormThroughTime(_TemporalBatchNorm):
         if self.track_running_stats:
             running = (self.running_mean.value[t], self.running_var.value[t])
             momentum = self._effective_momentum(self.num_batches_tracked.value[t])
-        y, new_mean, new_var = self._normalize(x_m, unit, mask, axes, training, scale, bias, running,
-                                               momentum)
+        y, new_mean, new_var = self._normalize(x_m, unit, mask, axes, training, scale, bias, running, momentum)
         if running is not None and training:
-            self._write(_set_step(self.running_mean.value, t, new_mean), _set_step(self.running_var.value, t, new_var),
-                        self.num_batches_tracked.value.at[t].add(1))
+            self._write(
+                _set_step(self.running_mean.value, t, new_mean),
+                _set_step(self.running_var.value, t, new_var),
+                self.num_batches_tracked.value.at[t].add(1),
+            )
         return y
 
     def _steps(self, x_m, unit, mask, training, stats_unit):
@@ -260,12 +309,13 @@ class BatchNormThroughTime(_TemporalBatchNorm):
         axes = tuple(a for a in self._per_sample_axes_of(x_m.ndim) if a != 0)
         running = momentum = None
         if self.track_running_stats:
-            running = (_reshape_q(self.running_mean.value[:steps], broadcast),
-                       _reshape_q(self.running_var.value[:steps], broadcast))
+            running = (
+                _reshape_q(self.running_mean.value[:steps], broadcast),
+                _reshape_q(self.running_var.value[:steps], broadcast),
+            )
             momentum = self._effective_momentum(self.num_batches_tracked.value[:steps])
             momentum = jnp.reshape(momentum, (steps,) + (1,) * (len(broadcast) - 1)) if jnp.ndim(momentum) else momentum
-        y, new_mean, new_var = self._normalize(x_m, unit, mask, axes, training, scale, bias, running,
-                                               momentum)
+        y, new_mean, new_var = self._normalize(x_m, unit, mask, axes, training, scale, bias, running, momentum)
         if running is not None and training:
             shape = self.running_mean.value.shape[1:]
             # One call trains every step once.
@@ -323,20 +373,56 @@ class ThresholdDependentBatchNorm(_TemporalBatchNorm):
     0.5
     """
 
-    def __init__(self, in_size, feature_axis=-1, *, alpha=1.0, v_th=1.0, epsilon=1e-5, momentum=0.99,
-                 use_scale=True, use_bias=True, scale_init=None, bias_init=None, track_running_stats=True,
-                 unbiased_running_var=False, use_running_average=None, axis_name=None, axis_index_groups=None,
-                 use_fast_variance=False, step_mode="single", dtype=None, param_dtype=None,
-                 param_type=NormalizationParamState, mean_type=brainstate.ShortTermState, unit=None, name=None):
+    def __init__(
+        self,
+        in_size,
+        feature_axis=-1,
+        *,
+        alpha=1.0,
+        v_th=1.0,
+        epsilon=1e-5,
+        momentum=0.99,
+        use_scale=True,
+        use_bias=True,
+        scale_init=None,
+        bias_init=None,
+        track_running_stats=True,
+        unbiased_running_var=False,
+        use_running_average=None,
+        axis_name=None,
+        axis_index_groups=None,
+        use_fast_variance=False,
+        step_mode="single",
+        dtype=None,
+        param_dtype=None,
+        param_type=NormalizationParamState,
+        mean_type=brainstate.ShortTermState,
+        unit=None,
+        name=None,
+    ):
         super().__init__(
-            in_size, feature_axis, None, epsilon=epsilon, momentum=momentum, use_scale=use_scale,
+            in_size,
+            feature_axis,
+            None,
+            epsilon=epsilon,
+            momentum=momentum,
+            use_scale=use_scale,
             use_bias=use_bias,
             scale_init=brainstate.nn.init.Constant(1.0) if scale_init is None else scale_init,
             bias_init=brainstate.nn.init.Constant(0.0) if bias_init is None else bias_init,
-            track_running_stats=track_running_stats, unbiased_running_var=unbiased_running_var,
-            use_running_average=use_running_average, axis_name=axis_name, axis_index_groups=axis_index_groups,
-            use_fast_variance=use_fast_variance, step_mode=step_mode, dtype=dtype, param_dtype=param_dtype,
-            param_type=param_type, mean_type=mean_type, unit=unit, name=name,
+            track_running_stats=track_running_stats,
+            unbiased_running_var=unbiased_running_var,
+            use_running_average=use_running_average,
+            axis_name=axis_name,
+            axis_index_groups=axis_index_groups,
+            use_fast_variance=use_fast_variance,
+            step_mode=step_mode,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            param_type=param_type,
+            mean_type=mean_type,
+            unit=unit,
+            name=name,
         )
         self.alpha = check_real(self._owner, "alpha", alpha)
         self.v_th = check_real(self._owner, "v_th", v_th)

@@ -38,18 +38,12 @@ def in_unit(owner: str, option: str, value, unit):
         if unit is None:
             if value.unit.is_unitless:
                 return value.mantissa
-            raise UnitError(
-                f"{owner}: {option} has unit {value.unit} but a dimensionless value was expected."
-            )
+            raise UnitError(f"{owner}: {option} has unit {value.unit} but a dimensionless value was expected.")
         if not u.have_same_dim(value, unit):
-            raise UnitError(
-                f"{owner}: {option} has unit {value.unit}, which is not convertible to {unit}."
-            )
+            raise UnitError(f"{owner}: {option} has unit {value.unit}, which is not convertible to {unit}.")
         return value.to_decimal(unit)
     if unit is not None and option != "epsilon":
-        raise UnitError(
-            f"{owner}: {option} is a plain number but a Quantity in {unit} was expected."
-        )
+        raise UnitError(f"{owner}: {option} is a plain number but a Quantity in {unit} was expected.")
     return value
 
 

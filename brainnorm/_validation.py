@@ -26,19 +26,13 @@ def canonical_in_size(owner: str, in_size) -> tuple[int, ...]:
         dims = tuple(in_size)
     except TypeError:
         raise TypeError(
-            f"{owner}: in_size must be an int or a sequence of ints, "
-            f"got {type(in_size).__name__} {in_size!r}."
+            f"{owner}: in_size must be an int or a sequence of ints, got {type(in_size).__name__} {in_size!r}."
         ) from None
     for d in dims:
         if isinstance(d, bool) or not isinstance(d, (numbers.Integral, np.integer)):
-            raise TypeError(
-                f"{owner}: in_size must contain ints, got {type(d).__name__} {d!r} "
-                f"in in_size={in_size!r}."
-            )
+            raise TypeError(f"{owner}: in_size must contain ints, got {type(d).__name__} {d!r} in in_size={in_size!r}.")
         if d <= 0:
-            raise ValueError(
-                f"{owner}: in_size must contain positive sizes, got {tuple(in_size)!r}."
-            )
+            raise ValueError(f"{owner}: in_size must contain positive sizes, got {tuple(in_size)!r}.")
     return tuple(int(d) for d in dims)
 
 
@@ -53,20 +47,14 @@ def canonical_axes(owner: str, option: str, axes, ndim: int, *, allow_empty: boo
         given = tuple(axes)
     except TypeError:
         raise TypeError(
-            f"{owner}: {option} must be an int or a sequence of ints, got "
-            f"{type(axes).__name__} {axes!r}."
+            f"{owner}: {option} must be an int or a sequence of ints, got {type(axes).__name__} {axes!r}."
         ) from None
     result = []
     for a in given:
         if isinstance(a, bool) or not isinstance(a, (numbers.Integral, np.integer)):
-            raise TypeError(
-                f"{owner}: {option} must contain ints, got {type(a).__name__} {a!r}."
-            )
-        if not -ndim <= a < ndim:
-            raise ValueError(
-                f"{owner}: {option} must be in [-{ndim}, {ndim}) for a rank-{ndim} "
-                f"shape, got {given!r}."
-            )
+            raise TypeError(f"{owner}: {option} must contain ints, got {type(a).__name__} {a!r}.")
+        if not -ndim <= int(a) < ndim:
+            raise ValueError(f"{owner}: {option} must be in [-{ndim}, {ndim}) for a rank-{ndim} shape, got {given!r}.")
         result.append(int(a) % ndim)
     if len(set(result)) != len(result):
         raise ValueError(f"{owner}: {option} must not repeat an axis, got {given!r}.")
@@ -88,8 +76,7 @@ def check_epsilon(owner: str, epsilon, *, allow_none: bool = False, option: str 
         as_float = float(np.asarray(value))
     except (TypeError, ValueError):
         raise TypeError(
-            f"{owner}: {option} must be a positive finite number, got "
-            f"{type(epsilon).__name__} {epsilon!r}."
+            f"{owner}: {option} must be a positive finite number, got {type(epsilon).__name__} {epsilon!r}."
         ) from None
     if not math.isfinite(as_float) or as_float <= 0:
         raise ValueError(f"{owner}: {option} must be a positive finite number, got {epsilon!r}.")
@@ -153,15 +140,11 @@ def check_groups(owner: str, channels: int, num_groups, group_size) -> tuple[int
     if group_size is not None:
         group_size = check_positive_int(owner, "group_size", group_size)
         if channels % group_size:
-            raise ValueError(
-                f"{owner}: group_size must divide the number of channels {channels}, got {group_size}."
-            )
+            raise ValueError(f"{owner}: group_size must divide the number of channels {channels}, got {group_size}.")
         return channels // group_size, group_size
     num_groups = check_positive_int(owner, "num_groups", num_groups)
     if channels % num_groups:
-        raise ValueError(
-            f"{owner}: num_groups must divide the number of channels {channels}, got {num_groups}."
-        )
+        raise ValueError(f"{owner}: num_groups must divide the number of channels {channels}, got {num_groups}.")
     return num_groups, channels // num_groups
 
 
@@ -201,7 +184,7 @@ def check_trailing_shape(owner: str, shape: Sequence[int], in_size: tuple[int, .
     """Check that ``shape`` ends with ``in_size``; return the number of batch axes."""
     shape = tuple(shape)
     n = len(in_size)
-    if len(shape) < n or shape[len(shape) - n:] != in_size:
+    if len(shape) < n or shape[len(shape) - n :] != in_size:
         raise ValueError(
             f"{owner}: expected an input whose trailing shape is in_size={in_size} "
             f"(with any number of leading batch axes), got shape {shape}."
@@ -229,10 +212,7 @@ def check_mask(owner: str, mask, shape: Sequence[int]):
     except ValueError:
         broadcast = None
     if broadcast != shape:
-        raise ValueError(
-            f"{owner}: mask of shape {mask.shape} does not broadcast to the input "
-            f"shape {shape}."
-        )
+        raise ValueError(f"{owner}: mask of shape {mask.shape} does not broadcast to the input shape {shape}.")
     if mask.dtype != jnp.bool_:
         mask = mask != 0
     return mask
@@ -270,21 +250,18 @@ def check_epsilon_range(owner: str, epsilon, dtype, option: str = "epsilon") -> 
         )
 
 
-def check_real(owner: str, option: str, value, *, allow_none: bool = False, positive: bool = False,
-               nonnegative: bool = False) -> float | None:
+def check_real(owner: str, option: str, value, *, positive: bool = False, nonnegative: bool = False) -> float:
     """A finite real number (Python or NumPy scalar, or a 0-d array); returned as a float."""
     expected = "a finite real number"
     if positive:
         expected = "a positive finite real number"
     elif nonnegative:
         expected = "a non-negative finite real number"
-    if value is None and allow_none:
-        return None
     if isinstance(value, (bool, np.bool_, str, bytes)) or value is None:
         raise TypeError(f"{owner}: {option} must be {expected}, got {type(value).__name__} {value!r}.")
     try:
         array = np.asarray(value)
-    except Exception:  # noqa: BLE001 - any failure means "not a number"
+    except Exception:
         array = None
     if array is None or array.ndim != 0 or array.dtype.kind not in "iuf":
         raise TypeError(f"{owner}: {option} must be {expected}, got {type(value).__name__} {value!r}.")
@@ -315,13 +292,11 @@ def check_dtype(owner: str, option: str, value, *, parameter: bool = False):
         if isinstance(value, str) and not value:
             raise TypeError
         dtype = jnp.dtype(value)
-    except Exception:  # noqa: BLE001 - NumPy raises TypeError or ValueError
+    except Exception:
         raise TypeError(f"{owner}: {option} must be a dtype (e.g. jnp.float32) or None, got {value!r}.") from None
     if not (jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.complexfloating)):
         what = "parameters and running statistics" if parameter else "outputs"
-        raise TypeError(
-            f"{owner}: {option} must be a floating dtype ({what} are real numbers), got {dtype.name}."
-        )
+        raise TypeError(f"{owner}: {option} must be a floating dtype ({what} are real numbers), got {dtype.name}.")
     return value
 
 
@@ -340,13 +315,11 @@ def check_axis_name(owner: str, axis_name, axis_index_groups):
                 hash(name)
             except TypeError:
                 raise TypeError(
-                    f"{owner}: axis_name must be a hashable name (e.g. 'batch') or a tuple of names, got "
-                    f"{axis_name!r}."
+                    f"{owner}: axis_name must be a hashable name (e.g. 'batch') or a tuple of names, got {axis_name!r}."
                 ) from None
             if name is None or isinstance(name, (bool, float, complex)):
                 raise TypeError(
-                    f"{owner}: axis_name must be a hashable name (e.g. 'batch') or a tuple of names, got "
-                    f"{axis_name!r}."
+                    f"{owner}: axis_name must be a hashable name (e.g. 'batch') or a tuple of names, got {axis_name!r}."
                 )
         if not names:
             raise ValueError(f"{owner}: axis_name must name at least one axis, got {axis_name!r}.")
@@ -361,9 +334,12 @@ def check_axis_name(owner: str, axis_name, axis_index_groups):
         groups = tuple(tuple(i for i in group) for group in axis_index_groups)
     except TypeError:
         groups = None
-    if not groups or any(not g for g in groups) or any(
-        isinstance(i, bool) or not isinstance(i, (numbers.Integral, np.integer)) or i < 0
-        for g in groups for i in g
+    if (
+        not groups
+        or any(not g for g in groups)
+        or any(
+            isinstance(i, bool) or not isinstance(i, (numbers.Integral, np.integer)) or i < 0 for g in groups for i in g
+        )
     ):
         raise TypeError(
             f"{owner}: axis_index_groups must be a sequence of non-empty sequences of non-negative ints, got "
@@ -387,7 +363,7 @@ def check_initializer(owner: str, option: str, init):
     if not isinstance(value, (str, bytes)) and value is not None:
         try:
             kind = np.asarray(value).dtype.kind
-        except Exception:  # noqa: BLE001
+        except Exception:
             kind = None
     if kind not in tuple("biuf"):
         raise TypeError(
@@ -406,7 +382,7 @@ def check_input(owner: str, x, option: str = "x"):
     else:
         try:
             dtype = np.asarray(x).dtype
-        except Exception:  # noqa: BLE001
+        except Exception:
             dtype = None
     if dtype is None or not (dtype == np.bool_ or jnp.issubdtype(dtype, jnp.number)):
         expected = "a boolean array" if option == "mask" else "an array of numbers (or a brainunit Quantity)"

@@ -279,8 +279,9 @@ class SpectralNorm(_RunningStatistics, _WeightWrapper):
     True
     """
 
-    def __init__(self, layer, *, weight_name="weight", n_steps=1, epsilon=1e-12, axis=-1,
-                 use_running_average=None, name=None):
+    def __init__(
+        self, layer, *, weight_name="weight", n_steps=1, epsilon=1e-12, axis=-1, use_running_average=None, name=None
+    ):
         super().__init__(layer, weight_name, name=name)
         weight = jnp.asarray(self._stored_weight())
         if weight.ndim < 2:
@@ -290,8 +291,7 @@ class SpectralNorm(_RunningStatistics, _WeightWrapper):
         self.axis = canonical_axes(self._owner, "axis", axis, weight.ndim)[0]
         self.n_steps = check_positive_int(self._owner, "n_steps", n_steps)
         self.epsilon = check_epsilon(self._owner, epsilon)
-        self.use_running_average = check_flag(self._owner, "use_running_average", use_running_average,
-                                              allow_none=True)
+        self.use_running_average = check_flag(self._owner, "use_running_average", use_running_average, allow_none=True)
         matrix = jax.lax.stop_gradient(self._matrix(weight))
         rows, cols = matrix.shape
         u = self._unit(brainstate.random.normal(size=(rows,)).astype(matrix.dtype))

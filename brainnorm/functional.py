@@ -89,14 +89,25 @@ def _affine(owner, x, unit, epsilon, scale, bias, dtype):
 def _apply(owner, x, unit, stats: Moments, *, scale, bias, epsilon, dtype):
     """Normalize the array ``x`` (unit ``unit``) with given statistics; the result carries scale/bias's unit."""
     eps, scale_m, bias_m, out_unit, out_dtype = _affine(owner, x, unit, epsilon, scale, bias, dtype)
-    return _units.attach(apply_moments(x, stats, epsilon=eps, scale=scale_m, bias=bias_m, out_dtype=out_dtype), out_unit)
+    return _units.attach(
+        apply_moments(x, stats, epsilon=eps, scale=scale_m, bias=bias_m, out_dtype=out_dtype), out_unit
+    )
 
 
 def _normalize(owner, x, unit, reduction, *, mask, scale, bias, epsilon, dtype, with_moments=False, renorm=None):
     """Normalize the array ``x`` (unit ``unit``) with its own statistics: ``(y, moments or None)``."""
     eps, scale_m, bias_m, out_unit, out_dtype = _affine(owner, x, unit, epsilon, scale, bias, dtype)
-    y, stats = _stats.normalize_over(x, reduction, mask=mask, scale=scale_m, bias=bias_m, epsilon=eps,
-                                     out_dtype=out_dtype, with_moments=with_moments, renorm=renorm)
+    y, stats = _stats.normalize_over(
+        x,
+        reduction,
+        mask=mask,
+        scale=scale_m,
+        bias=bias_m,
+        epsilon=eps,
+        out_dtype=out_dtype,
+        with_moments=with_moments,
+        renorm=renorm,
+    )
     return _units.attach(y, out_unit), stats
 
 
@@ -322,10 +333,13 @@ def layer_norm(
     x_m, unit, mask = _prepare(owner, x, mask)
     axis_name, axis_index_groups = check_axis_name(owner, axis_name, axis_index_groups)
     axes = canonical_axes(owner, "reduction_axes", reduction_axes, x_m.ndim)
-    reduction = Reduction(axes, use_fast_variance=bool(use_fast_variance), axis_name=axis_name,
-                          axis_index_groups=_groups(axis_index_groups))
-    return _normalize(owner, x_m, unit, reduction, mask=mask, scale=scale, bias=bias, epsilon=epsilon,
-                      dtype=dtype)[0]
+    reduction = Reduction(
+        axes,
+        use_fast_variance=bool(use_fast_variance),
+        axis_name=axis_name,
+        axis_index_groups=_groups(axis_index_groups),
+    )
+    return _normalize(owner, x_m, unit, reduction, mask=mask, scale=scale, bias=bias, epsilon=epsilon, dtype=dtype)[0]
 
 
 def rms_norm(
@@ -380,8 +394,7 @@ def rms_norm(
     axis_name, axis_index_groups = check_axis_name(owner, axis_name, axis_index_groups)
     axes = canonical_axes(owner, "reduction_axes", reduction_axes, x_m.ndim)
     reduction = Reduction(axes, use_mean=False, axis_name=axis_name, axis_index_groups=_groups(axis_index_groups))
-    return _normalize(owner, x_m, unit, reduction, mask=mask, scale=scale, bias=None, epsilon=epsilon,
-                      dtype=dtype)[0]
+    return _normalize(owner, x_m, unit, reduction, mask=mask, scale=scale, bias=None, epsilon=epsilon, dtype=dtype)[0]
 
 
 def batch_norm(
@@ -470,15 +483,45 @@ def batch_norm(
     ([0.1, 2.0], [1.0, 10.9])
     """
     return _batch_statistics(
-        "batch_norm", x, running_mean, running_var, scale, bias, training=training, feature_axes=feature_axes,
-        momentum=momentum, epsilon=epsilon, mask=mask, unbiased_running_var=unbiased_running_var,
-        axis_name=axis_name, axis_index_groups=axis_index_groups, use_fast_variance=use_fast_variance, dtype=dtype,
+        "batch_norm",
+        x,
+        running_mean,
+        running_var,
+        scale,
+        bias,
+        training=training,
+        feature_axes=feature_axes,
+        momentum=momentum,
+        epsilon=epsilon,
+        mask=mask,
+        unbiased_running_var=unbiased_running_var,
+        axis_name=axis_name,
+        axis_index_groups=axis_index_groups,
+        use_fast_variance=use_fast_variance,
+        dtype=dtype,
     )
 
 
-def _batch_statistics(owner, x, running_mean, running_var, scale, bias, *, training, feature_axes, momentum,
-                      epsilon, mask, unbiased_running_var, axis_name, axis_index_groups, use_fast_variance, dtype,
-                      renorm=None):
+def _batch_statistics(
+    owner,
+    x,
+    running_mean,
+    running_var,
+    scale,
+    bias,
+    *,
+    training,
+    feature_axes,
+    momentum,
+    epsilon,
+    mask,
+    unbiased_running_var,
+    axis_name,
+    axis_index_groups,
+    use_fast_variance,
+    dtype,
+    renorm=None,
+):
     """Batch normalization, or renormalization with ``renorm = (r_max, d_max, active)``."""
     check_epsilon(owner, epsilon)
     momentum = check_momentum(owner, momentum, allow_none=False)
@@ -493,13 +536,18 @@ def _batch_statistics(owner, x, running_mean, running_var, scale, bias, *, train
         check_momentum_shape(owner, momentum, mean.shape)
     options = dict(scale=scale, bias=bias, epsilon=epsilon, dtype=dtype)
     if training or mean is None:
-        reduction = Reduction(axes, use_fast_variance=bool(use_fast_variance), axis_name=axis_name,
-                              axis_index_groups=_groups(axis_index_groups))
+        reduction = Reduction(
+            axes,
+            use_fast_variance=bool(use_fast_variance),
+            axis_name=axis_name,
+            axis_index_groups=_groups(axis_index_groups),
+        )
         correction = None
         if renorm is not None and mean is not None:
             correction = _stats.Renorm(mean, var, *renorm)
-        y, stats = _normalize(owner, x_m, stats_unit, reduction, mask=mask, with_moments=mean is not None,
-                              renorm=correction, **options)
+        y, stats = _normalize(
+            owner, x_m, stats_unit, reduction, mask=mask, with_moments=mean is not None, renorm=correction, **options
+        )
     else:
         stats = _stats.given_moments(mean, var, stats_dtype(x_m.dtype))
         y = _apply(owner, x_m, stats_unit, stats, **options)
@@ -599,9 +647,22 @@ def batch_renorm(
         )
     renormalize = _check_bool_like(owner, "renormalize", renormalize)
     return _batch_statistics(
-        owner, x, running_mean, running_var, scale, bias, training=training, feature_axes=feature_axes,
-        momentum=momentum, epsilon=epsilon, mask=mask, unbiased_running_var=unbiased_running_var,
-        axis_name=axis_name, axis_index_groups=axis_index_groups, use_fast_variance=use_fast_variance, dtype=dtype,
+        owner,
+        x,
+        running_mean,
+        running_var,
+        scale,
+        bias,
+        training=training,
+        feature_axes=feature_axes,
+        momentum=momentum,
+        epsilon=epsilon,
+        mask=mask,
+        unbiased_running_var=unbiased_running_var,
+        axis_name=axis_name,
+        axis_index_groups=axis_index_groups,
+        use_fast_variance=use_fast_variance,
+        dtype=dtype,
         renorm=(r_max, d_max, renormalize),
     )
 
@@ -653,8 +714,11 @@ def lp_normalize(x, p=2.0, *, axis=-1, epsilon=1e-12, mask=None):
     [0.4285714626312256, 0.5714285969734192]
     """
     owner = "lp_normalize"
-    p = math.inf if isinstance(p, (int, float, np.floating)) and p == math.inf else check_real(owner, "p", p,
-                                                                                                 positive=True)
+    p = (
+        math.inf
+        if isinstance(p, (int, float, np.floating)) and p == math.inf
+        else check_real(owner, "p", p, positive=True)
+    )
     x_m, unit, mask = _prepare(owner, x, mask)
     axes = canonical_axes(owner, "axis", axis, x_m.ndim)
     check_epsilon(owner, epsilon)
@@ -677,9 +741,7 @@ def _batch_and_channel_axes(owner, shape, batch_axes, feature_axis):
         )
     feature = canonical_axes(owner, "feature_axis", feature_axis, ndim)
     if set(feature) & set(batch):
-        raise ValueError(
-            f"{owner}: feature_axis must not be a batch axis {batch}, got feature_axis={feature_axis!r}."
-        )
+        raise ValueError(f"{owner}: feature_axis must not be a batch axis {batch}, got feature_axis={feature_axis!r}.")
     return batch, feature
 
 
@@ -767,19 +829,21 @@ def group_norm(
     else:
         axes = canonical_axes(owner, "reduction_axes", reduction_axes, x_m.ndim)
         if set(axes) & set(batch):
-            raise ValueError(
-                f"{owner}: reduction_axes must not include a batch axis {batch}, got {reduction_axes!r}."
-            )
+            raise ValueError(f"{owner}: reduction_axes must not include a batch axis {batch}, got {reduction_axes!r}.")
         if feature not in axes:
             raise ValueError(
                 f"{owner}: reduction_axes must include feature_axis={feature_axis!r} (the group's "
                 f"channels), got {reduction_axes!r}."
             )
     num_groups, _ = check_groups(owner, x_m.shape[feature], num_groups, group_size)
-    reduction = Reduction(axes, groups=(feature, num_groups), use_fast_variance=bool(use_fast_variance),
-                          axis_name=axis_name, axis_index_groups=_groups(axis_index_groups))
-    return _normalize(owner, x_m, unit, reduction, mask=mask, scale=scale, bias=bias, epsilon=epsilon,
-                      dtype=dtype)[0]
+    reduction = Reduction(
+        axes,
+        groups=(feature, num_groups),
+        use_fast_variance=bool(use_fast_variance),
+        axis_name=axis_name,
+        axis_index_groups=_groups(axis_index_groups),
+    )
+    return _normalize(owner, x_m, unit, reduction, mask=mask, scale=scale, bias=bias, epsilon=epsilon, dtype=dtype)[0]
 
 
 def instance_norm(
@@ -876,12 +940,14 @@ def instance_norm(
         stats = _stats.given_moments(mean, var, stats_dtype(x_m.dtype))
         return (_apply(owner, x_m, stats_unit, stats, **options),) + _with_unit(mean, var, stats_unit)
     reduction = Reduction(axes, use_fast_variance=bool(use_fast_variance))
-    y, stats = _normalize(owner, x_m, stats_unit, reduction, mask=mask, with_moments=mean is not None,
-                          **options)
+    y, stats = _normalize(owner, x_m, stats_unit, reduction, mask=mask, with_moments=mean is not None, **options)
     if mean is None:
         return y
     batch_mean, batch_var, instances = _stats.instance_running_statistics(
-        stats, batch, unbiased_var=unbiased_running_var, axis_name=axis_name,
+        stats,
+        batch,
+        unbiased_var=unbiased_running_var,
+        axis_name=axis_name,
         axis_index_groups=axis_index_groups,
     )
     mean, var = _stats.running_update(mean, var, batch_mean, batch_var, instances, momentum)
@@ -893,7 +959,8 @@ def local_response_norm(x, size: int, *, alpha=1e-4, beta=0.75, k=1.0, feature_a
 
     .. math::
 
-        b_c = a_c \left(k + \frac{\alpha}{n} \sum_{c'=c - \lfloor n/2 \rfloor}^{c + \lfloor (n-1)/2 \rfloor} a_{c'}^2\right)^{-\beta}
+        b_c = a_c \left(k + \frac{\alpha}{n}
+        \sum_{c'=c - \lfloor n/2 \rfloor}^{c + \lfloor (n-1)/2 \rfloor} a_{c'}^2\right)^{-\beta}
 
     with ``n = size`` and zero padding outside the channel range (PyTorch).
 
@@ -930,7 +997,9 @@ def local_response_norm(x, size: int, *, alpha=1e-4, beta=0.75, k=1.0, feature_a
     """
     owner = "local_response_norm"
     size = check_positive_int(owner, "size", size)
-    alpha, beta, k = (check_real(owner, option, value) for option, value in (("alpha", alpha), ("beta", beta), ("k", k)))
+    alpha, beta, k = (
+        check_real(owner, option, value) for option, value in (("alpha", alpha), ("beta", beta), ("k", k))
+    )
     dtype = check_dtype(owner, "dtype", dtype)
     x_m, unit, mask = _prepare(owner, x, mask)
     feature = canonical_axes(owner, "feature_axis", feature_axis, x_m.ndim)
@@ -994,4 +1063,4 @@ def weight_standardization(w, eps=1e-4, gain=None, out_axis=-1):
 from ._divisive_functional import divisive_normalization, gdn  # noqa: E402
 
 # Accumulated (TAB) and NeuNorm statistics of spiking networks, likewise.
-from ._spiking_functional import AccumulatedSums, neu_norm, temporal_accumulated_batch_norm  # noqa: E402
+from ._spiking_functional import neu_norm, temporal_accumulated_batch_norm  # noqa: E402
