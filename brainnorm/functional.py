@@ -1063,4 +1063,5 @@ def weight_standardization(w, eps=1e-4, gain=None, out_axis=-1):
 from ._divisive_functional import divisive_normalization, gdn  # noqa: E402
 
 # Accumulated (TAB) and NeuNorm statistics of spiking networks, likewise.
+from ._spiking_functional import AccumulatedSums as AccumulatedSums  # noqa: E402  (re-exported: the sums of single-step TAB)
 from ._spiking_functional import neu_norm, temporal_accumulated_batch_norm  # noqa: E402
