@@ -84,26 +84,6 @@ def _is_static(count) -> bool:
     return not isinstance(count, jax.Array)
 
 
-def _statistics_unit(owner, x, unit, running_mean, running_var):
-    """``x`` and the running statistics as plain arrays in one unit: theirs if they have one, else the input's."""
-    mean_unit = _units.split(running_mean)[1] if running_mean is not None else None
-    stats_unit = mean_unit if mean_unit is not None else unit
-    if unit != stats_unit:
-        x = jnp.asarray(_units.in_unit(owner, "x", _units.attach(x, unit), stats_unit))
-    if running_mean is None:
-        return x, stats_unit, None, None
-    var_unit = None if stats_unit is None else stats_unit**2
-    if mean_unit is not None:
-        mean = _units.in_unit(owner, "running_mean", running_mean, stats_unit)
-        var = _units.in_unit(owner, "running_var", running_var, var_unit)
-    else:
-        mean = _units.split(running_mean)[0]
-        var = _units.split(running_var)[0]
-        if _units.split(running_var)[1] is not None:
-            var = _units.in_unit(owner, "running_var", running_var, var_unit)
-    return x, stats_unit, jnp.asarray(mean), jnp.asarray(var)
-
-
 def _per_step(owner, option, value, steps, ndim):
     """A per-step array (``p``) of ``steps`` entries, shaped ``(steps, 1, ..., 1)`` for rank ``ndim``."""
     value = jnp.asarray(_units.in_unit(owner, option, value, None))
@@ -309,7 +289,7 @@ def temporal_accumulated_batch_norm(
     axes = tuple(a for a in range(1, x_m.ndim) if a not in feature)
     kept = tuple(1 if a in axes else d for a, d in enumerate(x_m.shape))
     check_running_statistics(owner, running_mean, running_var, kept)
-    x_m, stats_unit, mean, var = _statistics_unit(owner, x_m, unit, running_mean, running_var)
+    x_m, stats_unit, mean, var = _units.in_statistics_unit(owner, x_m, unit, running_mean, running_var)
     if mean is not None:
         check_momentum_shape(owner, momentum, mean.shape)
     steps = x_m.shape[0]

@@ -75,3 +75,29 @@ def epsilon_value(owner: str, epsilon, unit):
 def as_array(x):
     """Plain ``jnp`` array of the mantissa of ``x``."""
     return jnp.asarray(split(x)[0])
+
+
+def in_statistics_unit(owner, x, unit, running_mean, running_var):
+    """Express ``x`` and the running statistics in one unit: theirs if they have one, else the input's.
+
+    Returns ``(x, stats_unit, mean, var)`` with plain arrays (None for absent
+    statistics).
+    """
+    mean_unit = split(running_mean)[1] if running_mean is not None else None
+    stats_unit = mean_unit if mean_unit is not None else unit
+    if unit != stats_unit:
+        x = jnp.asarray(in_unit(owner, "x", attach(x, unit), stats_unit))
+    if running_mean is None:
+        return x, stats_unit, None, None
+    var_unit = None if stats_unit is None else stats_unit**2
+    if mean_unit is not None:
+        mean = in_unit(owner, "running_mean", running_mean, stats_unit)
+        var = in_unit(owner, "running_var", running_var, var_unit)
+    else:
+        # plain running statistics are read in the input's unit; a running
+        # variance that has a unit must fit it
+        mean = split(running_mean)[0]
+        var = split(running_var)[0]
+        if split(running_var)[1] is not None:
+            var = in_unit(owner, "running_var", running_var, var_unit)
+    return x, stats_unit, jnp.asarray(mean), jnp.asarray(var)

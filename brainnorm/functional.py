@@ -116,32 +116,6 @@ def _groups(axis_index_groups):
     return None if axis_index_groups is None else tuple(tuple(int(i) for i in g) for g in axis_index_groups)
 
 
-def _in_statistics_unit(owner, x, unit, running_mean, running_var):
-    """Express ``x`` and the running statistics in one unit: theirs if they have one, else the input's.
-
-    Returns ``(x, stats_unit, mean, var)`` with plain arrays (None for absent
-    statistics).
-    """
-    mean_unit = _units.split(running_mean)[1] if running_mean is not None else None
-    stats_unit = mean_unit if mean_unit is not None else unit
-    if unit != stats_unit:
-        x = jnp.asarray(_units.in_unit(owner, "x", _units.attach(x, unit), stats_unit))
-    if running_mean is None:
-        return x, stats_unit, None, None
-    var_unit = None if stats_unit is None else stats_unit**2
-    if mean_unit is not None:
-        mean = _units.in_unit(owner, "running_mean", running_mean, stats_unit)
-        var = _units.in_unit(owner, "running_var", running_var, var_unit)
-    else:
-        # plain running statistics are read in the input's unit; a running
-        # variance that has a unit must fit it
-        mean = _units.split(running_mean)[0]
-        var = _units.split(running_var)[0]
-        if _units.split(running_var)[1] is not None:
-            var = _units.in_unit(owner, "running_var", running_var, var_unit)
-    return x, stats_unit, jnp.asarray(mean), jnp.asarray(var)
-
-
 def _with_unit(mean, var, unit):
     return _units.attach(mean, unit), _units.attach(var, None if unit is None else unit**2)
 
@@ -531,7 +505,7 @@ def _batch_statistics(
     axes = tuple(a for a in range(x_m.ndim) if a not in feature)
     kept = tuple(1 if a in axes else d for a, d in enumerate(x_m.shape))
     check_running_statistics(owner, running_mean, running_var, kept)
-    x_m, stats_unit, mean, var = _in_statistics_unit(owner, x_m, unit, running_mean, running_var)
+    x_m, stats_unit, mean, var = _units.in_statistics_unit(owner, x_m, unit, running_mean, running_var)
     if mean is not None:
         check_momentum_shape(owner, momentum, mean.shape)
     options = dict(scale=scale, bias=bias, epsilon=epsilon, dtype=dtype)
@@ -932,7 +906,7 @@ def instance_norm(
     axes = tuple(a for a in range(x_m.ndim) if a not in batch and a not in feature)
     kept = tuple(1 if a in axes or a in batch else d for a, d in enumerate(x_m.shape))
     check_running_statistics(owner, running_mean, running_var, kept)
-    x_m, stats_unit, mean, var = _in_statistics_unit(owner, x_m, unit, running_mean, running_var)
+    x_m, stats_unit, mean, var = _units.in_statistics_unit(owner, x_m, unit, running_mean, running_var)
     if mean is not None:
         check_momentum_shape(owner, momentum, mean.shape)
     options = dict(scale=scale, bias=bias, epsilon=epsilon, dtype=dtype)
