@@ -48,10 +48,18 @@ forces the product to be rounded once, before any consumer sees it.
 * ``k`` is held constant under differentiation (``stop_gradient``): the
   moments are exact functions of ``x`` for any fixed ``k``, so derivatives of
   every order are exact and never differentiate through the choice of shift.
-* Masks: one ``where`` makes a copy with padding set to 0 (so non-finite
-  padding never enters arithmetic) and the mask becomes a float weight; the
-  reductions then see only float arithmetic, which XLA's CPU backend fuses
-  (boolean selects inside reductions are an order of magnitude slower there).
+* Masks are selected inside the reductions (``where(mask, ..., 0)`` feeds the
+  sums directly), so padding, even ``nan``, never enters arithmetic and
+  nothing full-size is written. A mask that is constant along the reduced
+  axes (a padding mask ``(B, T, 1)``) takes the unmasked path, with a count
+  per group.
+
+How it is compiled. Every sum of a group (count, mean, the shifted sums) is
+formed in one pass over the data by one many-operand reduction in a lane
+layout (:func:`_sums_kept`); the shift and the scale are stored by one small
+reduction (:func:`_stored_pair`) and read by the consumers, never recomputed
+inside them; the output is one elementwise pass. Read ``x`` twice, write the
+output once.
 
 Distributed statistics (``axis_name``): each device shifts by its own ``k_i``;
 one ``all_gather`` brings every device's ``(n_i, k_i, s1_i, s2_i)``, which are
@@ -191,67 +199,83 @@ def _reciprocal(count):
 
 
 def _local_sums(x, axes, mask, use_mean, use_fast_variance) -> _Sums:
-    """Sums of ``x`` (already in the statistics dtype) over ``axes``, kept with size 1."""
-    real_dtype = jnp.zeros((), x.dtype).real.dtype
-    if mask is None:
-        count = np.asarray(math.prod(x.shape[a] for a in axes), real_dtype)
-        valid_x = x
-        weight = None
-    else:
-        # One select makes a copy in which padding is 0, so even inf/nan padding
-        # never enters arithmetic; everything after it is float arithmetic,
-        # which XLA's CPU reductions fuse (a boolean select inside a reduction
-        # runs an order of magnitude slower there).
-        mask = jnp.broadcast_to(mask, x.shape)
-        weight = mask.astype(real_dtype)
-        count = _sum_kept(weight, axes)
-        valid_x = jnp.where(mask, x, jnp.zeros((), x.dtype))
+    """Sums of ``x`` (already in the statistics dtype) over ``axes``, kept with size 1.
 
-    def total(values):
-        return _sum_kept(values, axes)
-
-    if use_fast_variance:
-        s1 = total(valid_x) if use_mean else None
-        return _Sums(count, None, s1, total(abs_sq(valid_x)))
-    shift, scale = _shift_and_scale(valid_x, weight, count, axes, use_mean)
-    centered = valid_x if shift is None else valid_x - shift
-    centered = centered * scale
-    if weight is not None and shift is not None:
-        centered = centered * weight
-    s1 = total(centered) if use_mean else None
-    return _Sums(count, shift, s1, total(abs_sq(centered)), scale)
-
-
-def _shift_and_scale(valid_x, weight, count, axes, use_mean):
-    """Each group's shift (None without a mean) and power-of-two scale, reduced axes kept.
-
-    Both are held constant under differentiation. See the module docstring.
+    Every sum of a group is formed in one pass (:func:`_sums_kept`); a mask is
+    selected inside that pass, so nothing full-size is written. A mask that is
+    constant along the reduced axes (a padding mask ``(B, T, 1)``) takes the
+    unmasked path with a count per group.
     """
-    slicable = _element_shift_possible(valid_x, axes)
-    if weight is None and slicable:
-        element, magnitude = _group_element(valid_x, axes)
-        shift = element if use_mean else None
-    elif not use_mean and slicable:
-        # masked RMS statistics: no shift, so no pass for one; the scale from the first two elements
-        shift, magnitude = None, _group_element(valid_x, axes)[1]
+    real_dtype = jnp.zeros((), x.dtype).real.dtype
+    size = math.prod(x.shape[a] for a in axes)
+    has_data = None
+    if mask is not None and _constant_along(mask, x.ndim, axes):
+        has_data = jnp.broadcast_to(
+            jnp.reshape(mask, (1,) * (x.ndim - jnp.ndim(mask)) + jnp.shape(mask)), _kept_shape(x.shape, axes)
+        )
+        mask = None
+    if mask is None:
+        count: Any = np.asarray(size, real_dtype)
+        if has_data is not None:
+            count = _select(has_data, jnp.asarray(size, real_dtype), 0)
+        sums = _unmasked_sums(x, axes, count, use_mean, use_fast_variance)
+        if has_data is None:
+            return sums
+        # groups that are padding: the sums of nothing (their values never reach them)
+        return _Sums(
+            count,
+            None if sums.shift is None else _select(has_data, sums.shift, 0),
+            None if sums.s1 is None else _select(has_data, sums.s1, 0),
+            _select(has_data, sums.s2, 0),
+            None if sums.scale is None else _select(has_data, sums.scale, 1),
+        )
+    mask = jnp.broadcast_to(mask, x.shape)
+    zero = jnp.zeros((), x.dtype)
+    if use_fast_variance:
+        selected = jnp.where(mask, x, zero)
+        values = [mask.astype(real_dtype)] + ([selected] if use_mean else []) + [abs_sq(selected)]
+        count, *rest = _sums_kept(values, axes)
+        return _Sums(count, None, rest[0] if use_mean else None, rest[-1])
+    # A first pass: the count and the mean (the shift). Each term is divided by
+    # the group's size first, so the sum cannot overflow (|sum| <= max |x|),
+    # then rescaled to the valid count.
+    count, part = _sums_kept([mask.astype(real_dtype), jnp.where(mask, x * (1.0 / max(size, 1)), zero)], axes)
+    mean = jax.lax.stop_gradient(_frozen(part * (size * _reciprocal(count))))
+    shift = mean if use_mean else None
+    # the scale from the larger of |mean| and the first two valid elements (else 0)
+    scale = _group_scale(jnp.where(mask, x, zero), axes, jnp.abs(mean))
+    centered = (x if shift is None else x - shift) * scale
+    centered = jnp.where(mask, centered, zero)
+    values = ([centered] if use_mean else []) + [abs_sq(centered)]
+    sums = _sums_kept(values, axes)
+    return _Sums(count, shift, sums[0] if use_mean else None, sums[-1], scale)
+
+
+def _constant_along(mask, ndim, axes) -> bool:
+    """True when ``mask`` (broadcastable to rank ``ndim``) has size 1 along every reduced axis."""
+    shape = (1,) * (ndim - jnp.ndim(mask)) + tuple(jnp.shape(mask))
+    return all(shape[a] == 1 for a in axes)
+
+
+def _unmasked_sums(x, axes, count, use_mean, use_fast_variance) -> _Sums:
+    if use_fast_variance:
+        values = ([x] if use_mean else []) + [abs_sq(x)]
+        sums = _sums_kept(values, axes)
+        return _Sums(count, None, sums[0] if use_mean else None, sums[-1])
+    if _element_shift_possible(x, axes):
+        shift, scale = _group_element(x, axes)
+        shift = shift if use_mean else None
     else:
-        # A first pass: the mean (the shift). Each term is divided by the
-        # group's size first, so the sum cannot overflow (|sum| <= max |x|),
-        # then rescaled to the valid count. The scale comes from the larger of
-        # |mean| and the first two (valid, else 0) elements: a second
-        # reduction over the data (say of |x|) would cost half a pass more.
-        size = math.prod(valid_x.shape[a] for a in axes)
-        to_mean = size * _reciprocal(count)
-        mean = _sum_kept(valid_x * (1.0 / max(size, 1)), axes) * to_mean
-        frozen = _frozen(mean)
-        shift = frozen if use_mean else None
-        magnitude = jnp.abs(frozen)
-        if slicable:
-            magnitude = jnp.maximum(magnitude, _group_element(valid_x, axes)[1])
-    scale = _magnitude_scale(magnitude)
-    if shift is not None:
-        shift = jax.lax.stop_gradient(shift)
-    return shift, jax.lax.stop_gradient(scale)
+        # No element can be sliced: a first pass for the mean (see the masked path).
+        size = math.prod(x.shape[a] for a in axes)
+        (part,) = _sums_kept([x * (1.0 / max(size, 1))], axes)
+        mean = jax.lax.stop_gradient(_frozen(part * (size * _reciprocal(count))))
+        shift = mean if use_mean else None
+        scale = _group_scale(x, axes, jnp.abs(mean))
+    centered = (x if shift is None else x - shift) * scale
+    values = ([centered] if use_mean else []) + [abs_sq(centered)]
+    sums = _sums_kept(values, axes)
+    return _Sums(count, shift, sums[0] if use_mean else None, sums[-1], scale)
 
 
 def _magnitude_scale(magnitude):
@@ -436,29 +460,70 @@ def compute_group_moments(
     return moments if scaled else moments.unscaled()
 
 
+def _pair_axis(x, axes):
+    """The reduced axis along which each group's first two elements are taken (None: groups of one)."""
+    pairs = [a for a in axes if x.shape[a] >= 2]
+    return pairs[-1] if pairs else None
+
+
+def _first_elements(x, axes, along):
+    index = tuple(slice(0, 2) if i == along else slice(0, 1) if i in axes else slice(None) for i in range(x.ndim))
+    return x[index]
+
+
 def _group_element(x, axes):
-    """One of each group's own values and a magnitude of the group, reduced axes kept with size 1.
+    """One of each group's own values and the group's power-of-two scale, reduced axes kept with size 1.
 
     The element is the larger of the group's first two elements along one
     reduced axis: a value of the group (no arithmetic, so every fusion sees
     the same number, and ``(shift - mean)^2 <= n var`` bounds the
-    cancellation), computed by a reduction so that XLA stores it in a buffer
-    of its own. A plain slice would be re-read inside every consumer fusion,
-    which XLA's CPU backend runs several times slower than broadcasting a
-    stored value. The magnitude is the larger absolute value of the same two
-    elements.
+    cancellation). The scale is :func:`_magnitude_scale` of the larger
+    absolute value of the same two elements. Both come out of one reduction
+    (:func:`_stored_pair`), so XLA stores them in buffers of their own and
+    never recomputes them inside the fusions that consume them.
     """
-    pairs = [a for a in axes if x.shape[a] >= 2]
-    along = pairs[-1] if pairs else None
-    index = tuple(slice(0, 2) if i == along else slice(0, 1) if i in axes else slice(None) for i in range(x.ndim))
-    first = x[index]
+    along = _pair_axis(x, axes)
+    first = _first_elements(x, axes, along)
     if along is None:
-        return first, jnp.abs(first)  # groups of one element
-    magnitude = jnp.reshape(jnp.max(jnp.abs(first), axis=along), _kept_shape(first.shape, (along,)))
+        return jax.lax.stop_gradient(first), jax.lax.stop_gradient(_magnitude_scale(jnp.abs(first)))
+    return _stored_pair(first, _magnitude_scale(jnp.abs(first)), along)
+
+
+def _group_scale(selected, axes, magnitude):  # magnitude: |mean| of each group
+    """The power-of-two scale of each group from its first two elements of ``selected`` and ``magnitude``.
+
+    ``selected`` holds 0 at padding; ``magnitude`` (kept shape) is a further
+    magnitude of the group: ``|mean|``.
+    """
+    if not _element_shift_possible(selected, axes):
+        return jax.lax.stop_gradient(_magnitude_scale(magnitude))
+    along = _pair_axis(selected, axes)
+    first = jnp.maximum(jnp.abs(_first_elements(selected, axes, along)), magnitude)
+    if along is None:
+        return jax.lax.stop_gradient(_magnitude_scale(first))
+    return _stored_pair(first, _magnitude_scale(first), along)[1]
+
+
+def _stored_pair(first, scales, along):
+    """``(max of first, min of scales)`` along ``along`` (kept) by one two-operand reduction.
+
+    XLA's CPU backend computes a many-operand reduction in a fusion of its own
+    and stores its results; the consumers read them (the scale's bit
+    operations would otherwise be copied into every consumer fusion). Complex
+    numbers have no order: their element is the first.
+    """
+    kept = _kept_shape(first.shape, (along,))
+    # constants under differentiation (and JAX's JVP of a general reduce needs nonzero tangents)
+    first, scales = jax.lax.stop_gradient(first), jax.lax.stop_gradient(scales)
     if jnp.iscomplexobj(first):
-        # complex numbers have no order: the first element
-        return jax.lax.slice_in_dim(first, 0, 1, axis=along), magnitude
-    return jnp.reshape(jnp.max(first, axis=along), _kept_shape(first.shape, (along,))), magnitude
+        element = jax.lax.slice_in_dim(first, 0, 1, axis=along)
+        scale = jnp.min(scales, axis=along)
+        return jax.lax.stop_gradient(element), jax.lax.stop_gradient(jnp.reshape(scale, kept))
+    inits = (np.array(-np.inf, first.dtype), np.ones((), scales.dtype))
+    element, scale = jax.lax.reduce(
+        (first, scales), inits, lambda a, b: (jnp.maximum(a[0], b[0]), jnp.minimum(a[1], b[1])), (along,)
+    )
+    return jax.lax.stop_gradient(jnp.reshape(element, kept)), jax.lax.stop_gradient(jnp.reshape(scale, kept))
 
 
 def _sum_kept(values, axes):
@@ -472,6 +537,124 @@ def _sum_kept(values, axes):
 
 def _kept_shape(shape, axes):
     return tuple(1 if i in axes else d for i, d in enumerate(shape))
+
+
+# Several sums in one pass
+# ---------------------------------------------------------------------------
+# A reduction of one operand is handed by XLA's CPU backend to a fusion kind
+# that grows downstream and, when two reductions share a producer such as
+# ``(x - k) * s``, writes that producer out in full and reads it twice. One
+# reduction with several operands (``lax.reduce``) forms every sum of a group
+# from one read of its inputs; XLA's own loop emitter vectorizes it when the
+# reduced axis is short and a contiguous block of kept elements ("lanes") lies
+# inside it. So each stage reduces a short axis (``_LANE_STEP`` elements) with
+# lanes kept, and the next stage (on data ``_LANE_STEP`` times smaller) goes on
+# until little is left. The partial sums are also a pairwise summation: more
+# accurate than one long running sum.
+_LANES = 64
+_LANE_STEP = 16
+
+
+def _lane_layout_possible(x) -> bool:
+    """False where a reshape of ``x`` may not be allowed: an axis sharded along an explicit mesh axis."""
+    spec = getattr(getattr(jax.typeof(x), "sharding", None), "spec", None)
+    return spec is None or all(entry is None for entry in spec)
+
+
+def _add_all(a, b):
+    return tuple(p + q for p, q in zip(a, b, strict=True))
+
+
+def _variadic_sum(values, axes):
+    """``sum(v, axes)`` of every ``v`` in ``values`` by one ``lax.reduce`` (the axes dropped).
+
+    A lone value is summed as its two halves along a reduced axis: XLA turns
+    a one-operand sum into the fusion kind that grows downstream.
+    """
+    values = tuple(values)
+    axes = tuple(axes)
+    halved = [a for a in axes if values[0].shape[a] % 2 == 0]
+    if len(values) == 1 and halved:
+        a = halved[0]
+        half = values[0].shape[a] // 2
+        low = jax.lax.slice_in_dim(values[0], 0, half, axis=a)
+        high = jax.lax.slice_in_dim(values[0], half, 2 * half, axis=a)
+        first, second = _variadic_sum((low, high), axes)
+        return (first + second,)
+    return _reduce_sums(axes, *values)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
+def _reduce_sums(axes, *values):
+    """One many-operand ``lax.reduce`` computing ``sum(v, axes)`` for each ``v``.
+
+    JAX has no transpose rule for a general ``reduce``: the tangents are sums
+    of one operand each, so every transformation applies.
+    """
+    inits = tuple(np.zeros((), v.dtype) for v in values)
+    return tuple(jax.lax.reduce(values, inits, _add_all, axes))
+
+
+@_reduce_sums.defjvp
+def _reduce_sums_jvp(axes, primals, tangents):
+    return _reduce_sums(axes, *primals), tuple(jnp.sum(t, axis=axes) for t in tangents)
+
+
+def _lane_sums(values, axes):
+    """Sums of same-shaped ``values`` over ``axes`` (dropped), by stages that each read their input once.
+
+    Only the innermost axes are reshaped: a leading axis may be sharded (a
+    batch axis under GSPMD), and merging it with others would make the
+    partitioner move the data. The stages:
+
+    * the innermost axes reduced (LayerNorm, RMSNorm): they are merged and
+      split into blocks of 64 lanes (then 8), each stage summing the blocks;
+    * the innermost axes kept (channels last): the reduced axis next to them
+      is split into steps of 16, which one stage sums with the kept elements
+      as lanes.
+
+    Whatever is left (the lanes, leading axes) is summed last, on data at
+    least 16 times smaller: by one reduction when only lanes remain, else by
+    one-operand sums, which GSPMD turns into partial sums and an all-reduce.
+    """
+    shape = list(values[0].shape)
+    axes = sorted(axes)
+    ndim = len(shape)
+    trailing = ndim
+    while trailing > 0 and (trailing - 1) in axes:
+        trailing -= 1
+    if trailing < ndim:
+        # innermost reduced block of m elements: reshape it (it is never a batch axis)
+        m = math.prod(shape[trailing:])
+        lanes = _LANES if m >= 2 * _LANES else 8
+        if m % lanes == 0 and m >= 2 * lanes:
+            split = shape[:trailing] + [m // lanes, lanes]
+            parts = _variadic_sum([jnp.reshape(v, split) for v in values], (trailing,))
+            return _lane_sums(parts, [a for a in axes if a < trailing] + [trailing])
+        if m <= _LANES and all(a >= trailing for a in axes):
+            return _variadic_sum(values, axes)  # short rows: one reduction
+    else:
+        # channels last: split the reduced axis next to the kept ones
+        j = max(axes)
+        r = shape[j]
+        if r % _LANE_STEP == 0 and r >= 2 * _LANE_STEP:
+            split = shape[:j] + [r // _LANE_STEP, _LANE_STEP] + shape[j + 1 :]
+            parts = _variadic_sum([jnp.reshape(v, split) for v in values], (j + 1,))
+            return _lane_sums(parts, axes)
+    return tuple(jnp.sum(v, axis=tuple(axes)) for v in values)
+
+
+def _sums_kept(values, axes):
+    """``sum(v, axes, keepdims=True)`` for each array of ``values`` (one shape), in one pass over them."""
+    values = tuple(values)
+    shape = values[0].shape
+    axes = tuple(a for a in axes if shape[a] != 1)
+    if not axes:
+        return values
+    kept = _kept_shape(shape, axes)
+    if math.prod(shape) == 0 or not all(_lane_layout_possible(v) for v in values):
+        return tuple(_sum_kept(v, axes) for v in values)
+    return tuple(jnp.reshape(v, kept) for v in _lane_sums(values, axes))
 
 
 # The gathered statistics are identical on every member of the axis; newer JAX
@@ -617,19 +800,30 @@ class Reduction(NamedTuple):
 
     def total(self, values):
         """Sums of ``values`` (full size, 0 at padding) over each group, shaped like the moments."""
+        return self.totals([values])[0]
+
+    def totals(self, values):
+        """:meth:`total` of several arrays of one shape.
+
+        These sums are linear in tangents inside the derivative rule, which
+        reverse mode transposes: they are one-operand sums (JAX has no
+        transpose rule for a many-operand reduction).
+        """
         if self.groups is None:
-            sums = _sum_kept(values, self.axes)
+            sums = tuple(_sum_kept(v, self.axes) for v in values)
         else:
             feature, num_groups = self.groups
-            per_channel = tuple(a for a in self.axes if a != feature)
-            sums = _sum_kept(values, per_channel)
-            channels = sums.shape[feature]
-            split = sums.shape[:feature] + (num_groups, channels // num_groups) + sums.shape[feature + 1 :]
-            grouped = _sum_kept(jnp.reshape(sums, split), (feature + 1,))
-            sums = jnp.reshape(jnp.broadcast_to(grouped, split), sums.shape)
+            per_channel = tuple(_sum_kept(v, tuple(a for a in self.axes if a != feature)) for v in values)
+            channels = per_channel[0].shape[feature]
+            shape = per_channel[0].shape
+            split = shape[:feature] + (num_groups, channels // num_groups) + shape[feature + 1 :]
+            sums = tuple(
+                jnp.reshape(jnp.broadcast_to(_sum_kept(jnp.reshape(v, split), (feature + 1,)), split), shape)
+                for v in per_channel
+            )
         if self.axis_name is not None:
-            sums = jax.lax.psum(sums, self.axis_name, axis_index_groups=self.axis_index_groups)
-        return sums
+            sums = tuple(jax.lax.psum(sums, self.axis_name, axis_index_groups=self.axis_index_groups))
+        return tuple(sums)
 
 
 class Renorm(NamedTuple):
@@ -791,11 +985,10 @@ def _normalized_jvp(reduction, out_dtype, with_moments, primals, tangents):
 
     if mask is None:
 
-        def mean_of(values):
-            return reduction.total(values) / n
-
-        def mean_times(coefficient, values):
-            return reduction.total(coefficient * values) / n
+        def means(tangent, coefficient=None):
+            """``mean(tangent)`` (with a mean) and ``mean(coefficient * tangent)``, in one pass."""
+            values = ([] if delta is None else [tangent]) + [coefficient * tangent]
+            return [v / n for v in reduction.totals(values)]
 
         def finite(values):
             return values
@@ -806,13 +999,13 @@ def _normalized_jvp(reduction, out_dtype, with_moments, primals, tangents):
         # is dropped from the output's dependence on the statistics (its
         # output is not finite anyway), so a zero cotangent there cannot
         # turn into 0 * nan in the statistics' cotangents.
-        def mean_of(values):  # tangents: selected (a select transposes to a select, never 0 * nan)
-            return reduction.total(_select(mask, values, 0)) / n
-
-        def mean_times(coefficient, values):
-            # (the outer select is not redundant: jit(vmap(...)) of the bare product of a
-            # selected coefficient and batched tangents compiled to wrong sums on XLA's CPU backend)
-            return reduction.total(_select(mask, _select(mask, coefficient, 0) * values, 0)) / n
+        def means(tangent, coefficient=None):
+            # tangents are selected (a select transposes to a select, never 0 * nan); the outer
+            # select of the product is not redundant: jit(vmap(...)) of the bare product of a
+            # selected coefficient and batched tangents compiled to wrong sums on XLA's CPU backend
+            product = _select(mask, _select(mask, coefficient, 0) * tangent, 0)
+            values = ([] if delta is None else [_select(mask, tangent, 0)]) + [product]
+            return [v / n for v in reduction.totals(values)]
 
         def finite(values):
             return jnp.where(mask | jnp.isfinite(values), values, jnp.zeros((), values.dtype))
@@ -820,13 +1013,15 @@ def _normalized_jvp(reduction, out_dtype, with_moments, primals, tangents):
     dxs = jnp.asarray(dx).astype(sdtype)
     if stats.scale is not None:
         dxs = dxs * stats.scale
-    d_mean = None if delta is None else mean_of(dxs)
-    if jnp.shape(factor) == jnp.shape(inv):
-        # One factor per group (BatchNorm, InstanceNorm): everything full-size
-        # is written with x - shift, which the moments' sums formed already;
-        # with the centred values in the reductions too, XLA writes out a
-        # second full-size array.
-        d_sq = jnp.real(mean_times(jnp.conj(shifted), dxs))  # half the variance's tangent, before centring
+    per_group = jnp.shape(factor) == jnp.shape(inv)
+    # One factor per group (BatchNorm, InstanceNorm): the products are formed
+    # with x - shift, before centring; a factor per element (LayerNorm's scale
+    # along the normalized axes): with the centred values.
+    *d_mean_list, d_sq = means(dxs, jnp.conj(shifted if per_group else centered))
+    d_mean = d_mean_list[0] if d_mean_list else None
+    d_sq = jnp.real(d_sq)
+    if per_group:
+        # half the variance's tangent, before centring
         if d_mean is not None:
             d_sq = d_sq - jnp.real(jnp.conj(delta) * d_mean)
         slope = -(inv * inv * d_sq) * factor
@@ -836,8 +1031,6 @@ def _normalized_jvp(reduction, out_dtype, with_moments, primals, tangents):
         if d_mean is not None:
             d_y = d_y - (delta * slope + d_mean * factor)
     else:
-        # A factor per element (LayerNorm's scale along the normalized axes).
-        d_sq = jnp.real(mean_times(jnp.conj(centered), dxs))
         if d_mean is not None:
             dxs = dxs - d_mean
         safe = finite(centered)
