@@ -4,7 +4,8 @@ A case function takes the shapes (``shapes(quick)``) and a NumPy random
 generator and returns its implementations (``harness.Impl``), as a list or
 as a ``harness.Case`` where it departs from the command's timing. Every
 implementation checks its first output: against a float64 NumPy reference
-(forward cases) or against flax.nnx's (gradients, training steps).
+(forward cases) or against flax.nnx's (gradients, training steps, compiled
+models).
 
 Per-layer cases: every JAX implementation is one ``jax.jit`` of a pure
 function of the data arrays only (``x``, and ``mask`` or the cotangent ``c``);
@@ -17,12 +18,22 @@ compiled function is pure and the new statistics are not dead code).
 Parameters are random, not ones and zeros, so XLA cannot fold them away.
 PyTorch runs eagerly (``torch.no_grad()``; default threads).
 
+The layer cases build each implementation with ``make_layer``: every
+library's default first (brainnorm's robust two-pass variance against the
+one-pass default of flax.nnx and brainstate.nn), then, where the layer
+computes a variance, like for like (``LIKE_FOR_LIKE``: brainnorm with
+``use_fast_variance=True``, the peers with ``use_fast_variance=False``).
+
 Model cases (``compile``, ``e2e_*``): the parameters and other states go in
 as arguments and come out updated, as in a training step
-(``state_jit``, ``flax_train_step``).
+(``state_jit``, ``flax_train_step``). Untimed cases (``memory``, and the
+program-size counts ``jaxpr_equations`` and ``hlo_instructions``) return a
+``Case`` with the unit of what they measure.
 """
 
 from __future__ import annotations
+
+import re
 
 from harness import Case, Impl, Skip  # first: pins the allocator before anything allocates
 
@@ -62,13 +73,34 @@ FLOOR = "floor (x*a+b)"
 SCAN = "hand-written lax.scan"
 BN_MASKED = "brainnorm (masked)"
 BN_UNMASKED = "brainnorm (unmasked)"
+BN_PADDED = "brainnorm (padding mask)"
 FLAX_MASKED = "flax.nnx (masked)"
+BST_MASKED = "brainstate.nn (masked)"
+# like for like: each library's non-default variance (brainnorm's default is
+# the robust two-pass variance, flax.nnx's and brainstate.nn's the one-pass)
+BN_FAST = "brainnorm (fast variance)"
+FLAX_TWO_PASS = "flax.nnx (two-pass)"
+BST_TWO_PASS = "brainstate.nn (two-pass)"
+
+# implementation name -> (library, use_fast_variance; None: the library's default)
+LAYERS = {
+    BN: (BN, None),
+    FLAX: (FLAX, None),
+    BST: (BST, None),
+    BN_FAST: (BN, True),
+    FLAX_TWO_PASS: (FLAX, False),
+    BST_TWO_PASS: (BST, False),
+}
+PEERS = (FLAX, BST)  # "the faster of flax.nnx and brainstate.nn" (SPEC section 7)
+TWO_PASS_PEERS = (FLAX_TWO_PASS, BST_TWO_PASS)
+LIKE_FOR_LIKE = (BN_FAST, FLAX_TWO_PASS, BST_TWO_PASS)
 
 CASES = (
     "floor",
     "layernorm",
     "rmsnorm",
     "masked_layernorm",
+    "padded_layernorm",
     "batchnorm2d",
     "groupnorm",
     "grad_layernorm",
@@ -77,12 +109,20 @@ CASES = (
     "grad_groupnorm",
     "sim_loop",
     "compile",
+    "jaxpr_equations",
+    "hlo_instructions",
     "memory",
     "e2e_convnet",
     "e2e_snn",
 )
+# the cases whose layers compute a variance: run with every library's default
+# and like for like (the LIKE_FOR_LIKE implementations)
+VARIANCE_CASES = ("layernorm", "batchnorm2d", "groupnorm", "grad_layernorm", "grad_batchnorm2d", "grad_groupnorm")
 GROUPS = {
     "grad": tuple(c for c in CASES if c.startswith("grad_")),
+    "mask": ("masked_layernorm", "padded_layernorm"),
+    "variance": VARIANCE_CASES,
+    "counts": ("jaxpr_equations", "hlo_instructions"),
     "e2e": tuple(c for c in CASES if c.startswith("e2e_")),
 }
 
@@ -90,7 +130,8 @@ TITLES = {
     "floor": "bandwidth floor x*a+b",
     "layernorm": "LayerNorm forward",
     "rmsnorm": "RMSNorm forward",
-    "masked_layernorm": "masked LayerNorm forward",
+    "masked_layernorm": "masked LayerNorm forward, random mask",
+    "padded_layernorm": "masked LayerNorm forward, padding mask (B, 1)",
     "batchnorm2d": "BatchNorm2d training forward",
     "groupnorm": "GroupNorm forward",
     "grad_layernorm": "LayerNorm forward+backward",
@@ -99,6 +140,8 @@ TITLES = {
     "grad_groupnorm": "GroupNorm forward+backward",
     "sim_loop": "LayerNorm in a simulation loop",
     "compile": "trace+compile of jit(grad(loss)), MLP of Linear-LayerNorm-BatchNorm0d-relu blocks",
+    "jaxpr_equations": "jaxpr equations (every nesting level) of jit(grad(loss)) of one MLP block",
+    "hlo_instructions": "optimized HLO instructions (every computation) of jit(grad(loss)) of one MLP block",
     "memory": "temporary + output bytes of the compiled jit(grad) of LayerNorm (and masked)",
     "e2e_convnet": "training step of a conv net with BatchNorm2d",
     "e2e_snn": "training step of a spiking network with tdBN (multi-step)",
@@ -106,6 +149,8 @@ TITLES = {
 
 CLASSES = 10  # of the end-to-end models
 LEARNING_RATE = 0.05
+EPS = {"layernorm": 1e-6, "rmsnorm": 1e-6, "batchnorm2d": 1e-5, "groupnorm": 1e-6}
+VALID_FRACTION = 0.8  # of the masks' positions (random mask) or rows (padding mask)
 
 
 def shapes(quick: bool) -> dict:
@@ -125,14 +170,16 @@ def shape_note(case, sh):
     """The shape shown beside the case's name in the table."""
     if case == "floor":
         return ""
-    if case == "compile":
+    if case in ("compile", "jaxpr_equations", "hlo_instructions"):
         blocks, batch, width = sh["mlp"]
+        blocks = blocks if case == "compile" else 1  # the counts are of one block
         return f"{blocks}x{width} on {batch}x{width}"
     if case == "e2e_convnet":
         return "x".join(map(str, sh["conv"][:4]))
     if case == "e2e_snn":
         return "x".join(map(str, sh["snn"][:3]))
-    key = {"layernorm": "rows", "rmsnorm": "rows", "masked_layernorm": "rows", "grad_layernorm": "rows",
+    key = {"layernorm": "rows", "rmsnorm": "rows", "masked_layernorm": "rows", "padded_layernorm": "rows",
+           "grad_layernorm": "rows",
            "grad_rmsnorm": "rows", "memory": "rows", "sim_loop": "loop"}.get(case, "image")
     return "x".join(map(str, sh[key]))
 
@@ -390,45 +437,105 @@ def case_floor(sh, rng):
     return impls
 
 
-def _rows_case(sh, rng, kind):
-    shape = sh["rows"]
-    n = shape[-1]
-    eps = 1e-6
-    x_np = rng.standard_normal(shape, dtype=np.float32)
-    x = jnp.asarray(x_np)
-    scale, bias = random_affine(rng, n)
-    if kind == "layernorm":
-        want = ref_layer_norm(x_np, scale, bias, eps)
-    else:
-        want = ref_rms_norm(x_np, scale, eps)
-        bias = None
-    check = lambda y: max_err(y, want)  # noqa: E731
+def make_layer(name, kind, shape, groups=None):
+    """The ``kind`` layer of implementation ``name`` (see ``LAYERS``) for inputs of ``shape``.
 
-    def bn():
-        m = brainnorm.LayerNorm(n, epsilon=eps) if kind == "layernorm" else brainnorm.RMSNorm(n, epsilon=eps)
-        set_brainstate_affine(m, scale, bias)
-        f = jax.jit(lambda x: m(x))
-        return lambda: f(x)
-
-    def fx():
+    Returns ``(module, apply)``, ``apply(module, x, mask=None)`` its training
+    call: batch statistics for BatchNorm (brainnorm ``use_running_average=False``,
+    brainstate.nn under ``environ.context(fit=True)``, flax.nnx built with
+    ``use_running_average=False``). brainstate.nn's GroupNorm takes the
+    channel count as ``in_size`` (its feature axis must be the only axis) and
+    reduces over every other axis but the first.
+    """
+    library, fast = LAYERS[name]
+    n, eps = shape[-1], EPS[kind]
+    variance = {} if fast is None or kind == "rmsnorm" else {"use_fast_variance": fast}
+    if library == FLAX:
         need_nnx()
-        cls = nnx.LayerNorm if kind == "layernorm" else nnx.RMSNorm
-        m = cls(n, epsilon=eps, rngs=nnx.Rngs(0))
-        set_flax_affine(m, scale, bias)
-        f = flax_jit(m)
-        return lambda: f(x)
+        r = nnx.Rngs(0)
+        if kind == "layernorm":
+            m = nnx.LayerNorm(n, epsilon=eps, rngs=r, **variance)
+        elif kind == "rmsnorm":
+            m = nnx.RMSNorm(n, epsilon=eps, rngs=r)
+        elif kind == "batchnorm2d":
+            m = nnx.BatchNorm(n, use_running_average=False, epsilon=eps, rngs=r, **variance)
+        else:
+            m = nnx.GroupNorm(n, num_groups=groups, epsilon=eps, rngs=r, **variance)
+        return m, lambda m, x, mask=None: m(x, mask=mask)
+    lib = brainnorm if library == BN else brainstate.nn
+    if kind == "layernorm":
+        m = lib.LayerNorm(n, epsilon=eps, **variance)
+    elif kind == "rmsnorm":
+        m = lib.RMSNorm(n, epsilon=eps)
+    elif kind == "batchnorm2d":
+        m = lib.BatchNorm2d(shape[1:], epsilon=eps, **variance)
+    elif library == BN:
+        m = brainnorm.GroupNorm(shape[1:], num_groups=groups, epsilon=eps, **variance)
+    else:
+        m = brainstate.nn.GroupNorm((n,), num_groups=groups, epsilon=eps, **variance)
+    if kind != "batchnorm2d":
+        return m, lambda m, x, mask=None: m(x, mask=mask)
+    if library == BN:
+        return m, lambda m, x, mask=None: m(x, mask=mask, use_running_average=False)
 
-    def bs():
-        m = brainstate.nn.LayerNorm(n, epsilon=eps) if kind == "layernorm" else brainstate.nn.RMSNorm(n, epsilon=eps)
-        set_brainstate_affine(m, scale, bias)
-        f = jax.jit(lambda x: m(x))
-        return lambda: f(x)
+    def fit(m, x, mask=None):
+        with brainstate.environ.context(fit=True):
+            return m(x, mask=mask)
 
-    def th():
+    return m, fit
+
+
+def set_affine(name, module, scale, bias=None):
+    (set_flax_affine if LAYERS[name][0] == FLAX else set_brainstate_affine)(module, scale, bias)
+
+
+def forward_builder(name, kind, shape, scale, bias, groups=None, with_mask=False):
+    """``build`` of the jitted forward of implementation ``name``: ``f(x[, mask]) -> (y, new statistics)``.
+
+    The statistics are flax.nnx's batch statistics or the brainstate states
+    the call wrote (none for the per-sample layers).
+    """
+
+    def build():
+        m, apply = make_layer(name, kind, shape, groups)
+        set_affine(name, m, scale, bias)
+        if LAYERS[name][0] == FLAX:
+            return flax_jit(m, apply)
+        # the mask is an argument, never a constant
+        return stateful_jit((lambda x, mask: apply(m, x, mask)) if with_mask else (lambda x: apply(m, x)))
+
+    return build
+
+
+def reference(kind, x, scale, bias, groups=None, mask=None):
+    """The float64 NumPy output of layer ``kind`` (training statistics for BatchNorm2d)."""
+    eps = EPS[kind]
+    if kind == "layernorm":
+        return ref_layer_norm(x, scale, bias, eps, mask=mask)
+    if kind == "rmsnorm":
+        return ref_rms_norm(x, scale, eps)
+    if kind == "batchnorm2d":
+        return ref_layer_norm(x, scale, bias, eps, axes=(0, 1, 2))  # batch statistics per channel
+    return ref_group_norm(x, groups, scale, bias, eps)
+
+
+def torch_builder(kind, x_np, scale, bias, groups=None):
+    """``build`` of PyTorch's eager layer (channels first for BatchNorm2d and GroupNorm) and its output check."""
+    n, eps = x_np.shape[-1], EPS[kind]
+
+    def build():
         need_torch()
-        m = torch.nn.LayerNorm(n, eps=eps) if kind == "layernorm" else torch.nn.RMSNorm(n, eps=eps)
+        if kind == "layernorm":
+            m = torch.nn.LayerNorm(n, eps=eps)
+        elif kind == "rmsnorm":
+            m = torch.nn.RMSNorm(n, eps=eps)
+        elif kind == "batchnorm2d":
+            m = torch.nn.BatchNorm2d(n, eps=eps).train()  # running statistics updated in place
+        else:
+            m = torch.nn.GroupNorm(groups, n, eps=eps)
         set_torch_affine(m, scale, bias)
-        xt = torch.from_numpy(x_np)
+        xt = np.moveaxis(x_np, -1, 1) if kind in ("batchnorm2d", "groupnorm") else x_np
+        xt = torch.from_numpy(np.ascontiguousarray(xt))
 
         def call():
             with torch.no_grad():
@@ -436,231 +543,140 @@ def _rows_case(sh, rng, kind):
 
         return call
 
+    return build, (nchw if kind in ("batchnorm2d", "groupnorm") else to_numpy)
+
+
+def _layer_case(sh, rng, kind):
+    """The forward of one layer: every library's default, PyTorch, then like for like (see ``LAYERS``)."""
+    shape = sh["rows"] if kind in ("layernorm", "rmsnorm") else sh["image"]
+    groups = sh["groups"]
+    x_np = rng.standard_normal(shape, dtype=np.float32)
+    x = jnp.asarray(x_np)
+    scale, bias = random_affine(rng, shape[-1])
+    if kind == "rmsnorm":
+        bias = None
+    want = reference(kind, x_np, scale, bias, groups)
+
+    def jax_impl(name):
+        build = forward_builder(name, kind, shape, scale, bias, groups)
+        return Impl(name, lambda: (lambda f: lambda: f(x))(build()), check=lambda o: max_err(o[0], want))
+
+    torch_build, torch_out = torch_builder(kind, x_np, scale, bias, groups)
+    variants = LIKE_FOR_LIKE if kind != "rmsnorm" else ()  # RMSNorm computes no variance
     flr = floor_fn(shape, rng)
     return [
-        Impl(BN, bn, check=lambda o: check(o)),
-        Impl(FLAX, fx, check=lambda o: check(o[0])),
-        Impl(BST, bs, check=lambda o: check(o)),
-        Impl(TORCH, th, kind="torch", check=lambda o: check(o)),
+        *(jax_impl(name) for name in (BN, FLAX, BST)),
+        Impl(TORCH, torch_build, kind="torch", check=lambda o: max_err(torch_out(o), want)),
+        *(jax_impl(name) for name in variants),
         Impl(FLOOR, lambda: lambda: flr(x)),
     ]
 
 
 def case_layernorm(sh, rng):
-    return _rows_case(sh, rng, "layernorm")
+    return _layer_case(sh, rng, "layernorm")
 
 
 def case_rmsnorm(sh, rng):
-    return _rows_case(sh, rng, "rmsnorm")
-
-
-def case_masked_layernorm(sh, rng):
-    shape = sh["rows"]
-    n = shape[-1]
-    eps = 1e-6
-    x_np = rng.standard_normal(shape, dtype=np.float32)
-    mask_np = rng.random(shape) < 0.8
-    x, mask = jnp.asarray(x_np), jnp.asarray(mask_np)
-    scale, bias = random_affine(rng, n)
-    want = ref_layer_norm(x_np, scale, bias, eps, mask=mask_np)
-    want_unmasked = ref_layer_norm(x_np, scale, bias, eps)
-
-    def bn_masked():
-        m = brainnorm.LayerNorm(n, epsilon=eps)
-        set_brainstate_affine(m, scale, bias)
-        f = jax.jit(lambda x, mask: m(x, mask=mask))  # the mask is an argument, never a constant
-        return lambda: f(x, mask)
-
-    def bn_unmasked():
-        m = brainnorm.LayerNorm(n, epsilon=eps)
-        set_brainstate_affine(m, scale, bias)
-        f = jax.jit(lambda x: m(x))
-        return lambda: f(x)
-
-    def fx():
-        need_nnx()
-        m = nnx.LayerNorm(n, epsilon=eps, rngs=nnx.Rngs(0))
-        set_flax_affine(m, scale, bias)
-        f = flax_jit(m, lambda m, x, mask: m(x, mask=mask))
-        return lambda: f(x, mask)
-
-    def bs():
-        m = brainstate.nn.LayerNorm(n, epsilon=eps)
-        set_brainstate_affine(m, scale, bias)
-        f = jax.jit(lambda x, mask: m(x, mask=mask))
-        return lambda: f(x, mask)
-
-    flr = floor_fn(shape, rng)
-    return [
-        Impl(BN_MASKED, bn_masked, check=lambda o: max_err(o, want)),
-        Impl(FLAX, fx, check=lambda o: max_err(o[0], want)),
-        Impl(BST, bs, check=lambda o: max_err(o, want)),
-        Impl(BN_UNMASKED, bn_unmasked, check=lambda o: max_err(o, want_unmasked)),
-        Impl(FLOOR, lambda: lambda: flr(x)),
-    ]
+    return _layer_case(sh, rng, "rmsnorm")
 
 
 def case_batchnorm2d(sh, rng):
-    shape = sh["image"]
-    c = shape[-1]
-    eps = 1e-5
-    x_np = rng.standard_normal(shape, dtype=np.float32)
-    x = jnp.asarray(x_np)
-    scale, bias = random_affine(rng, c)
-    want = ref_layer_norm(x_np, scale, bias, eps, axes=(0, 1, 2))  # batch statistics per channel
-
-    def bn():
-        m = brainnorm.BatchNorm2d(shape[1:], epsilon=eps)
-        set_brainstate_affine(m, scale, bias)
-        f = stateful_jit(lambda x: m(x, use_running_average=False))  # returns (y, new running stats)
-        return lambda: f(x)
-
-    def bs():
-        m = brainstate.nn.BatchNorm2d(shape[1:], epsilon=eps)
-        set_brainstate_affine(m, scale, bias)
-
-        def train(x):
-            with brainstate.environ.context(fit=True):
-                return m(x)
-
-        f = stateful_jit(train)
-        return lambda: f(x)
-
-    def fx():
-        need_nnx()
-        m = nnx.BatchNorm(c, use_running_average=False, epsilon=eps, rngs=nnx.Rngs(0))
-        set_flax_affine(m, scale, bias)
-        f = flax_jit(m)  # returns (y, new batch stats)
-        return lambda: f(x)
-
-    def th():
-        need_torch()
-        m = torch.nn.BatchNorm2d(c, eps=eps).train()
-        set_torch_affine(m, scale, bias)
-        xt = torch.from_numpy(np.ascontiguousarray(np.moveaxis(x_np, -1, 1)))
-
-        def call():
-            with torch.no_grad():
-                return m(xt)  # running statistics updated in place
-
-        return call
-
-    flr = floor_fn(shape, rng)
-    return [
-        Impl(BN, bn, check=lambda o: max_err(o[0], want)),
-        Impl(BST, bs, check=lambda o: max_err(o[0], want)),
-        Impl(FLAX, fx, check=lambda o: max_err(o[0], want)),
-        Impl(TORCH, th, kind="torch", check=lambda o: max_err(nchw(o), want)),
-        Impl(FLOOR, lambda: lambda: flr(x)),
-    ]
+    return _layer_case(sh, rng, "batchnorm2d")
 
 
 def case_groupnorm(sh, rng):
-    shape = sh["image"]
-    c, groups = shape[-1], sh["groups"]
-    eps = 1e-6
+    return _layer_case(sh, rng, "groupnorm")
+
+
+def _masked_case(sh, rng, padding):
+    """LayerNorm with a mask as an argument: random (``padding=False``) or constant along the normalized axis.
+
+    The random mask has the input's shape; the padding mask is ``(B, 1)``
+    (whole rows valid or padding, about ``VALID_FRACTION`` valid), and the
+    outputs are checked on the valid rows only: a padding row has no valid
+    element, and flax.nnx and brainstate.nn return NaN there (0 / 0).
+    """
+    shape = sh["rows"]
     x_np = rng.standard_normal(shape, dtype=np.float32)
-    x = jnp.asarray(x_np)
-    scale, bias = random_affine(rng, c)
-    want = ref_group_norm(x_np, groups, scale, bias, eps)
+    mask_np = rng.random((shape[0], 1) if padding else shape) < VALID_FRACTION
+    if padding:
+        mask_np[0] = True  # at least one valid row
+    x, mask = jnp.asarray(x_np), jnp.asarray(mask_np)
+    scale, bias = random_affine(rng, shape[-1])
+    valid = mask_np[:, 0] if padding else slice(None)
+    with np.errstate(invalid="ignore", divide="ignore"):  # padding rows: 0 / 0
+        want = ref_layer_norm(x_np, scale, bias, EPS["layernorm"], mask=np.broadcast_to(mask_np, shape))[valid]
+    want_unmasked = ref_layer_norm(x_np, scale, bias, EPS["layernorm"])
 
-    def bn():
-        m = brainnorm.GroupNorm(shape[1:], num_groups=groups, epsilon=eps)
-        set_brainstate_affine(m, scale, bias)
-        f = jax.jit(lambda x: m(x))
-        return lambda: f(x)
+    def masked(name, library):
+        build = forward_builder(library, "layernorm", shape, scale, bias, with_mask=True)
+        return Impl(name, lambda: (lambda f: lambda: f(x, mask))(build()),
+                    check=lambda o: max_err(to_numpy(o[0])[valid], want))
 
-    def fx():
-        need_nnx()
-        m = nnx.GroupNorm(c, num_groups=groups, epsilon=eps, rngs=nnx.Rngs(0))
-        set_flax_affine(m, scale, bias)
-        f = flax_jit(m)
-        return lambda: f(x)
-
-    def th():
-        need_torch()
-        m = torch.nn.GroupNorm(groups, c, eps=eps)
-        set_torch_affine(m, scale, bias)
-        xt = torch.from_numpy(np.ascontiguousarray(np.moveaxis(x_np, -1, 1)))
-
-        def call():
-            with torch.no_grad():
-                return m(xt)
-
-        return call
-
+    unmasked = forward_builder(BN, "layernorm", shape, scale, bias)
     flr = floor_fn(shape, rng)
     return [
-        Impl(BN, bn, check=lambda o: max_err(o, want)),
-        Impl(FLAX, fx, check=lambda o: max_err(o[0], want)),
-        Impl(TORCH, th, kind="torch", check=lambda o: max_err(nchw(o), want)),
+        masked(BN_PADDED if padding else BN_MASKED, BN),
+        masked(FLAX, FLAX),
+        masked(BST, BST),
+        Impl(BN_UNMASKED, lambda: (lambda f: lambda: f(x))(unmasked()),
+             check=lambda o: max_err(o[0], want_unmasked)),
         Impl(FLOOR, lambda: lambda: flr(x)),
     ]
 
 
-def _layer_grads(kind, shape, scale, bias, groups=None):
-    """Builders of brainnorm's and flax.nnx's jitted gradient of ``sum(layer(x, mask=mask) * c)``.
+def case_masked_layernorm(sh, rng):
+    return _masked_case(sh, rng, padding=False)
 
-    Each returns ``f(x, c, mask=None) -> ((parameter gradients, dx), new
-    running statistics)``, the gradient taken w.r.t. ``x`` and the
-    parameters; plus the functions that turn those outputs into the dicts
-    ``PeerCheck`` compares.
+
+def case_padded_layernorm(sh, rng):
+    return _masked_case(sh, rng, padding=True)
+
+
+def grad_builder(name, kind, shape, scale, bias, groups=None):
+    """``build`` of implementation ``name``'s jitted gradient of ``sum(layer(x, mask=mask) * c)``.
+
+    The built function is ``f(x, c, mask=None) -> ((parameter gradients,
+    dx), new running statistics)``, the gradient taken w.r.t. ``x`` and the
+    parameters: ``brainstate.transform.grad`` with
+    ``grad_states=model.states(ParamState)`` for brainnorm and brainstate.nn,
+    ``jax.grad`` over ``nnx.split``/``nnx.merge`` for flax.nnx.
     """
-    n = shape[-1]
 
-    def make_bn():
-        if kind == "layernorm":
-            return brainnorm.LayerNorm(n, epsilon=1e-6), {}
-        if kind == "rmsnorm":
-            return brainnorm.RMSNorm(n, epsilon=1e-6), {}
-        if kind == "batchnorm2d":
-            return brainnorm.BatchNorm2d(shape[1:], epsilon=1e-5), {"use_running_average": False}
-        return brainnorm.GroupNorm(shape[1:], num_groups=groups, epsilon=1e-6), {}
+    def build():
+        m, apply = make_layer(name, kind, shape, groups)
+        set_affine(name, m, scale, bias)
+        if LAYERS[name][0] == FLAX:
+            graphdef, params, rest = nnx.split(m, nnx.Param, ...)
 
-    def make_flax():
-        r = nnx.Rngs(0)
-        if kind == "layernorm":
-            return nnx.LayerNorm(n, epsilon=1e-6, rngs=r)
-        if kind == "rmsnorm":
-            return nnx.RMSNorm(n, epsilon=1e-6, rngs=r)
-        if kind == "batchnorm2d":
-            return nnx.BatchNorm(n, use_running_average=False, epsilon=1e-5, rngs=r)
-        return nnx.GroupNorm(n, num_groups=groups, epsilon=1e-6, rngs=r)
+            def flax_loss(p, x, c, mask):
+                mm = nnx.merge(graphdef, p, rest, copy=True)
+                return jnp.sum(apply(mm, x, mask) * c), nnx.state(mm, nnx.BatchStat)
 
-    def bn():
-        m, kw = make_bn()
-        set_brainstate_affine(m, scale, bias)
-        params = m.states(brainstate.ParamState)
+            flax_grad = jax.grad(flax_loss, argnums=(0, 1), has_aux=True)
+            return jax.jit(lambda x, c, mask=None: flax_grad(params, x, c, mask))
 
         def loss(x, c, mask):
-            return jnp.sum(m(x, mask=mask, **kw) * c)
+            return jnp.sum(apply(m, x, mask) * c)
 
-        grad = brainstate.transform.grad(loss, grad_states=params, argnums=0)
+        grad = brainstate.transform.grad(loss, grad_states=m.states(brainstate.ParamState), argnums=0)
         return stateful_jit(lambda x, c, mask=None: grad(x, c, mask))
 
-    def fx():
-        need_nnx()
-        m = make_flax()
-        set_flax_affine(m, scale, bias)
-        graphdef, params, rest = nnx.split(m, nnx.Param, ...)
+    return build
 
-        def loss(p, x, c, mask):
-            mm = nnx.merge(graphdef, p, rest, copy=True)
-            return jnp.sum(mm(x, mask=mask) * c), nnx.state(mm, nnx.BatchStat)
 
-        grad = jax.grad(loss, argnums=(0, 1), has_aux=True)
-        return jax.jit(lambda x, c, mask=None: grad(params, x, c, mask))
-
-    def grads_bn(out):
-        (pgrads, dx), _ = out
-        (leaf,) = pgrads.values()
-        return {"x": to_numpy(dx), **{k: to_numpy(v) for k, v in leaf.items()}}
-
-    def grads_flax(out):
-        (pgrads, dx), _ = out
-        return {"x": to_numpy(dx), **{k: to_numpy(v.get_value()) for k, v in pgrads.items()}}
-
-    return bn, fx, grads_bn, grads_flax
+def grad_values(name):
+    """``(gradient output) -> {"x": dx, "scale": ..., "bias": ...}`` for ``PeerCheck``."""
+    if LAYERS[name][0] == FLAX:
+        def values(out):
+            (pgrads, dx), _ = out
+            return {"x": to_numpy(dx), **{k: to_numpy(v.get_value()) for k, v in pgrads.items()}}
+    else:
+        def values(out):
+            (pgrads, dx), _ = out
+            (leaf,) = pgrads.values()
+            return {"x": to_numpy(dx), **{k: to_numpy(v) for k, v in leaf.items()}}
+    return values
 
 
 def _grad_case(sh, rng, kind):
@@ -671,21 +687,17 @@ def _grad_case(sh, rng, kind):
     scale, bias = random_affine(rng, shape[-1])
     if kind == "rmsnorm":
         bias = None
-    bn, fx, grads_bn, grads_flax = _layer_grads(kind, shape, scale, bias, sh["groups"])
-    # brainnorm's gradients against flax.nnx's (relative to their largest entry)
+    # every implementation's gradients against flax.nnx's (relative to their largest entry)
     peers = PeerCheck()
     flr = floor_fn(shape, rng)
 
-    def timed(make):
-        def build():
-            f = make()
-            return lambda: f(x, cot)
+    def impl(name):
+        build = grad_builder(name, kind, shape, scale, bias, sh["groups"])
+        return Impl(name, lambda: (lambda f: lambda: f(x, cot))(build()), check=peers.check(name, grad_values(name)))
 
-        return build
-
+    variants = LIKE_FOR_LIKE if kind != "rmsnorm" else ()
     return [
-        Impl(BN, timed(bn), check=peers.check(BN, grads_bn)),
-        Impl(FLAX, timed(fx), check=peers.check(FLAX, grads_flax)),
+        *(impl(name) for name in (BN, FLAX, BST, *variants)),
         Impl(FLOOR, lambda: lambda: flr(x)),
     ]
 
@@ -709,17 +721,20 @@ def case_grad_groupnorm(sh, rng):
 def case_sim_loop(sh, rng):
     shape = sh["loop"]  # (steps, batch, features)
     n = shape[-1]
-    eps = 1e-6
+    eps = EPS["layernorm"]
     xs_np = rng.standard_normal(shape, dtype=np.float32)
     xs = jnp.asarray(xs_np)
     scale, bias = random_affine(rng, n)
     want = ref_layer_norm(xs_np, scale, bias, eps)
 
-    def bn():
-        m = brainnorm.LayerNorm(n, epsilon=eps)
-        set_brainstate_affine(m, scale, bias)
-        f = stateful_jit(lambda xs: brainstate.transform.for_loop(m, xs))  # one update per step
-        return lambda: f(xs)
+    def loop(name):
+        def build():
+            m, _ = make_layer(name, "layernorm", shape, None)
+            set_brainstate_affine(m, scale, bias)
+            f = stateful_jit(lambda xs: brainstate.transform.for_loop(m, xs))  # one update per step
+            return lambda: f(xs)
+
+        return build
 
     def scan():
         s, b = jnp.asarray(scale), jnp.asarray(bias)
@@ -735,8 +750,9 @@ def case_sim_loop(sh, rng):
 
     flr = floor_fn(shape, rng)
     return [
-        Impl(BN, bn, check=lambda o: max_err(o[0], want)),
+        Impl(BN, loop(BN), check=lambda o: max_err(o[0], want)),
         Impl(SCAN, scan, check=lambda o: max_err(o, want)),
+        Impl(BST, loop(BST), check=lambda o: max_err(o[0], want)),
         Impl(FLOOR, lambda: lambda: flr(xs)),
     ]
 
@@ -749,11 +765,12 @@ def case_memory(sh, rng):
     shape = sh["rows"]
     x = jnp.asarray(rng.standard_normal(shape, dtype=np.float32))
     cot = jnp.asarray(rng.standard_normal(shape, dtype=np.float32))
-    mask = jnp.asarray(rng.random(shape) < 0.8)
+    mask = jnp.asarray(rng.random(shape) < VALID_FRACTION)
     scale, bias = random_affine(rng, shape[-1])
-    bn, fx, grads_bn, grads_flax = _layer_grads("layernorm", shape, scale, bias)
 
-    def measured(make, args):
+    def measured(library, args):
+        make = grad_builder(library, "layernorm", shape, scale, bias)
+
         def build():
             f = make()
 
@@ -771,12 +788,12 @@ def case_memory(sh, rng):
         return build
 
     plain, masked = PeerCheck(FLAX), PeerCheck(FLAX_MASKED)
-    return Case([
-        Impl(BN, measured(bn, (x, cot)), check=plain.check(BN, grads_bn)),
-        Impl(FLAX, measured(fx, (x, cot)), check=plain.check(FLAX, grads_flax)),
-        Impl(BN_MASKED, measured(bn, (x, cot, mask)), check=masked.check(BN_MASKED, grads_bn)),
-        Impl(FLAX_MASKED, measured(fx, (x, cot, mask)), check=masked.check(FLAX_MASKED, grads_flax)),
-    ], unit="MiB")
+    impls = []
+    for check, args, names in ((plain, (x, cot), (BN, FLAX, BST)),
+                               (masked, (x, cot, mask), (BN_MASKED, FLAX_MASKED, BST_MASKED))):
+        for library, name in zip((BN, FLAX, BST), names):
+            impls.append(Impl(name, measured(library, args), check=check.check(name, grad_values(library))))
+    return Case(impls, unit="MiB")
 
 
 # ---------------------------------------------------------------------------
@@ -814,22 +831,30 @@ def lif_rates(currents, decay=0.9, threshold=1.0):
 
 
 class MLPBlock(brainstate.nn.Module):
-    """Linear -> LayerNorm -> BatchNorm0d (training) -> relu, brainnorm's layers."""
+    """Linear -> LayerNorm -> BatchNorm0d (training) -> relu, with brainnorm's or brainstate.nn's layers.
 
-    def __init__(self, width):
+    brainstate.nn's BatchNorm0d uses batch statistics only under
+    ``brainstate.environ.context(fit=True)`` (see ``_mlp_gradient``).
+    """
+
+    def __init__(self, width, library=BN):
         super().__init__()
         self.linear = brainstate.nn.Linear(width, width, **_ZERO_W)
-        self.ln = brainnorm.LayerNorm(width, epsilon=1e-6)
-        self.bn = brainnorm.BatchNorm0d(width, epsilon=1e-5, use_running_average=False)
+        if library == BN:
+            self.ln = brainnorm.LayerNorm(width, epsilon=1e-6)
+            self.bn = brainnorm.BatchNorm0d(width, epsilon=1e-5, use_running_average=False)
+        else:
+            self.ln = brainstate.nn.LayerNorm(width, epsilon=1e-6)
+            self.bn = brainstate.nn.BatchNorm0d(width, epsilon=1e-5)
 
     def update(self, x):
         return jax.nn.relu(self.bn(self.ln(self.linear(x))))
 
 
 class MLP(brainstate.nn.Module):
-    def __init__(self, blocks, width):
+    def __init__(self, blocks, width, library=BN):
         super().__init__()
-        self.blocks = [MLPBlock(width) for _ in range(blocks)]
+        self.blocks = [MLPBlock(width, library) for _ in range(blocks)]
 
     def update(self, x):
         for block in self.blocks:
@@ -1008,6 +1033,66 @@ def _train_case(rng, x, labels, bn_model, bst_model, flax_model):
 # ---------------------------------------------------------------------------
 # model cases
 # ---------------------------------------------------------------------------
+def _mlp_gradient(library, blocks, width, leaves):
+    """``jit(grad(loss))`` of the MLP of ``library`` (BN, BST or FLAX) with parameters ``leaves``.
+
+    ``loss = sum(mlp(x) * c)``, the gradient w.r.t. the parameters, the
+    running statistics returned. Returns ``(make, statistics)``: ``make()``
+    builds afresh the gradient transform, the ``jax.jit`` object and the
+    model's state collection (``model.states()``, ``nnx.split``), and returns
+    ``(jitted, args)``, to be called as ``jitted(*args, x, c)``;
+    ``statistics(output)`` gives the new running statistics of every block,
+    in the order of their sorted paths (for ``PeerCheck``).
+    """
+
+    def statistics(values):
+        return {f"running statistic {i}": to_numpy(v) for i, v in enumerate(values)}
+
+    if library == FLAX:
+        need_nnx()
+        model = FlaxMLP(blocks, width, nnx.Rngs(0))
+        set_flax_params(model, leaves)
+
+        def make_flax():
+            graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+            def loss(p, rest, x, c):
+                m = nnx.merge(graphdef, p, rest, copy=True)
+                return jnp.sum(m(x) * c), nnx.state(m, nnx.BatchStat)
+
+            return jax.jit(jax.grad(loss, has_aux=True)), (params, rest)
+
+        def flax_statistics(out):
+            _grads, batch_stats = out
+            return statistics(jax.tree.leaves(batch_stats))
+
+        return make_flax, flax_statistics
+
+    model = MLP(blocks, width, library)
+    set_brainstate_params(model, leaves)
+    paths = list(model.states().keys())  # the order of the state values state_jit returns
+    states = list(model.states().values())
+    values = [st.value for st in states]
+
+    if library == BST:
+        def loss(x, c):
+            with brainstate.environ.context(fit=True):  # batch statistics in brainstate.nn's BatchNorm0d
+                return jnp.sum(model(x) * c)
+    else:
+        def loss(x, c):
+            return jnp.sum(model(x) * c)
+
+    def make():
+        grad = brainstate.transform.grad(loss, grad_states=model.states(brainstate.ParamState))
+        return state_jit(grad, states), (values,)
+
+    def brainstate_statistics(out):
+        _grads, new_values = out
+        return statistics(v for path, v in zip(paths, new_values) if path[-1] in ("running_mean", "running_var"))
+
+    return make, brainstate_statistics
+
+
 def case_compile(sh, rng):
     """Trace+compile time of ``jax.jit(grad(loss)).lower(...).compile()`` for an MLP (a few compilations).
 
@@ -1026,57 +1111,129 @@ def case_compile(sh, rng):
     blocks, batch, width = sh["mlp"]
     x = jnp.asarray(rng.standard_normal((batch, width), dtype=np.float32))
     cot = jnp.asarray(rng.standard_normal((batch, width), dtype=np.float32))
-    reference = MLP(blocks, width)
-    leaves = random_params(rng, brainstate_param_leaves(reference))
-    state_paths = list(reference.states().keys())  # the order of the state values state_jit returns
+    leaves = random_params(rng, brainstate_param_leaves(MLP(blocks, width)))
     peers = PeerCheck()
 
-    def loss_of(model):
-        return lambda x, c: jnp.sum(model(x) * c)
+    def impl(library):
+        def build():
+            make, statistics = _mlp_gradient(library, blocks, width, leaves)
 
-    def bn():
-        model = MLP(blocks, width)
-        set_brainstate_params(model, leaves)
-        states = list(model.states().values())
-        values = [st.value for st in states]
+            def compile_():
+                jitted, args = make()
+                run = compile_fresh(jitted, *args, x, cot)
+                return lambda: statistics(run())
 
-        def compile_():
-            grad = brainstate.transform.grad(loss_of(model), grad_states=model.states(brainstate.ParamState))
-            return compile_fresh(state_jit(grad, states), values, x, cot)
+            return compile_
 
-        return compile_
+        return Impl(library, build, kind="host", before=jax.clear_caches, check=peers.check(library, lambda run: run()))
 
-    def fx():
-        need_nnx()
-        model = FlaxMLP(blocks, width, nnx.Rngs(0))
-        set_flax_params(model, leaves)
+    return Case([impl(BN), impl(FLAX), impl(BST)], runs=1, warmup=0, min_time=0.0, max_rounds=5)
 
-        def compile_():
-            graphdef, params, rest = nnx.split(model, nnx.Param, ...)
 
-            def loss(p, rest, x, c):
-                m = nnx.merge(graphdef, p, rest, copy=True)
-                return loss_of(m)(x, c), nnx.state(m, nnx.BatchStat)
+# ---------------------------------------------------------------------------
+# program size: jaxpr equations and optimized HLO instructions of one block
+# ---------------------------------------------------------------------------
+def count_jaxpr_equations(jaxpr):
+    """The equations of a (closed) jaxpr at every nesting level, and the number of nested jaxprs.
 
-            return compile_fresh(jax.jit(jax.grad(loss, has_aux=True)), params, rest, x, cot)
+    Every equation counts once, a call-like one (``jit``/``pjit``,
+    ``custom_jvp_call``, ``custom_vjp_call``, ``cond``, ``scan``, ...) as
+    well as every equation of the jaxprs in its parameters.
+    """
+    equations = nested = 0
+    todo = [getattr(jaxpr, "jaxpr", jaxpr)]
+    while todo:
+        current = todo.pop()
+        for eqn in current.eqns:
+            equations += 1
+            for sub in _jaxprs_in(list(eqn.params.values())):
+                nested += 1
+                todo.append(sub)
+    return equations, nested
 
-        return compile_
 
-    def statistics(values):
-        return {f"running statistic {i}": to_numpy(v) for i, v in enumerate(values)}
+def _jaxprs_in(values):
+    """The jaxprs (a ``ClosedJaxpr``'s jaxpr, or a ``Jaxpr``) among ``values`` and in their lists and tuples."""
+    out = []
+    for v in values:
+        if isinstance(v, (list, tuple)):
+            out.extend(_jaxprs_in(v))
+        elif hasattr(v, "eqns"):
+            out.append(v)
+        elif hasattr(getattr(v, "jaxpr", None), "eqns"):
+            out.append(v.jaxpr)
+    return out
 
-    def bn_statistics(run):
-        _grads, new_values = run()
-        return statistics(v for path, v in zip(state_paths, new_values) if path[-1] in ("running_mean", "running_var"))
 
-    def flax_statistics(run):
-        _grads, batch_stats = run()
-        return statistics(jax.tree.leaves(batch_stats))
+_HLO_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%[^\s=]+\s*=\s")
+_HLO_COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%\S+\s.*\{\s*$")
 
-    return Case([
-        Impl(BN, bn, kind="host", before=jax.clear_caches, check=peers.check(BN, bn_statistics)),
-        Impl(FLAX, fx, kind="host", before=jax.clear_caches, check=peers.check(FLAX, flax_statistics)),
-    ], runs=1, warmup=0, min_time=0.0, max_rounds=5)
+
+def count_hlo_instructions(text):
+    """The instructions (``%name = ...`` lines) of an HLO module's text, per computation.
+
+    Returns ``(instructions of every computation, computations, instructions
+    of the entry computation)``.
+    """
+    instructions = computations = entry = 0
+    in_entry = False
+    for line in text.splitlines():
+        if _HLO_COMPUTATION.match(line):
+            computations += 1
+            in_entry = line.startswith("ENTRY")
+        elif _HLO_INSTRUCTION.match(line):
+            instructions += 1
+            entry += in_entry
+    return instructions, computations, entry
+
+
+def _count_case(sh, rng, what):
+    """Untimed: the size of ``jit(grad(loss))`` of one MLP block (the ``compile`` case's block) per library.
+
+    ``what`` is ``"jaxpr"`` (``jax.make_jaxpr`` of the jitted gradient,
+    equations at every nesting level) or ``"hlo"`` (instructions of
+    ``jitted.lower(...).compile().as_text()``, every computation, fusions'
+    bodies included). The check runs the program and compares the new
+    running statistics with flax.nnx's.
+    """
+    _blocks, batch, width = sh["mlp"]
+    x = jnp.asarray(rng.standard_normal((batch, width), dtype=np.float32))
+    cot = jnp.asarray(rng.standard_normal((batch, width), dtype=np.float32))
+    leaves = random_params(rng, brainstate_param_leaves(MLP(1, width)))
+    peers = PeerCheck()
+
+    def impl(library):
+        def build():
+            make, statistics = _mlp_gradient(library, 1, width, leaves)
+
+            def call():
+                jitted, args = make()
+                args = (*args, x, cot)
+                if what == "jaxpr":
+                    value, nested = count_jaxpr_equations(jax.make_jaxpr(jitted)(*args))
+                    details = {"jaxpr_equations": value, "nested_jaxprs": nested}
+                    run = lambda: jitted(*args)  # noqa: E731
+                else:
+                    compiled = jitted.lower(*args).compile()
+                    value, computations, entry = count_hlo_instructions(compiled.as_text())
+                    details = {"hlo_instructions": value, "computations": computations,
+                               "entry_instructions": entry}
+                    run = lambda: compiled(*args)  # noqa: E731
+                return value, details, lambda: statistics(run())
+
+            return call
+
+        return Impl(library, build, check=peers.check(library, lambda run: run()))
+
+    return Case([impl(BN), impl(FLAX), impl(BST)], unit="count")
+
+
+def case_jaxpr_equations(sh, rng):
+    return _count_case(sh, rng, "jaxpr")
+
+
+def case_hlo_instructions(sh, rng):
+    return _count_case(sh, rng, "hlo")
 
 
 def compile_fresh(jitted, *args):

@@ -124,7 +124,7 @@ class Impl:
         self.samples = []  # seconds, one per timed call
         self.sample_rounds = []  # the round of each sample
         self.block_medians = []  # seconds, one per block of rounds (None where a block has no sample)
-        self.value = None  # untimed cases: what the call measured (MiB)
+        self.value = None  # untimed cases: what the call measured (MiB, count)
         self.details = {}  # untimed cases: the parts of the value
 
 
@@ -137,10 +137,11 @@ class Case:
     Parameters
     ----------
     impls : list of Impl
-    unit : {'ms', 'MiB'}
-        'ms': timed. 'MiB': untimed; each call returns ``(value, details,
-        output)``, a size in MiB, a dict of its parts and the output to
-        check, and is made once.
+    unit : {'ms', 'MiB', 'count'}
+        'ms': timed. 'MiB' (a size) and 'count' (a number of things, such as
+        jaxpr equations or HLO instructions): untimed; each call returns
+        ``(value, details, output)``, the value in that unit, a dict of its
+        parts and the output to check, and is made once.
     runs, warmup, min_time : optional
         Replace the command's settings (None: keep them).
     max_rounds : int, optional

@@ -10,50 +10,75 @@ import subprocess
 import sys
 
 import harness
-from cases import BN, BN_MASKED, BN_UNMASKED, BST, CASES, FLAX, FLAX_MASKED, FLOOR, SCAN, TITLES, TORCH
+from cases import (BN, BN_FAST, BN_MASKED, BN_PADDED, BN_UNMASKED, BST, BST_MASKED, BST_TWO_PASS, CASES, FLAX,
+                   FLAX_MASKED, FLAX_TWO_PASS, FLOOR, PEERS, SCAN, TITLES, TORCH, TWO_PASS_PEERS, VARIANCE_CASES)
 
-# Targets: (case, numerator row, denominator row, limit, label, SPEC section).
-# A limit of None reports the ratio without a target (the end-to-end rows).
-TARGETS = (
-    ("layernorm", BN, FLAX, 0.8, "<= 0.8x flax.nnx", 7),
-    ("layernorm", BN, FLOOR, 1.5, "<= 1.5x floor", 7),
-    ("rmsnorm", BN, FLAX, 0.8, "<= 0.8x flax.nnx", 7),
-    ("rmsnorm", BN, FLOOR, 1.5, "<= 1.5x floor", 7),
-    ("masked_layernorm", BN_MASKED, BN_UNMASKED, 2.0, "<= 2x brainnorm unmasked", 7),
-    ("batchnorm2d", BN, BST, 1.0, "<= brainstate.nn", 7),
-    ("batchnorm2d", BN, FLAX, 0.8, "<= 0.8x flax.nnx", 7),
+# Targets: (case, numerator row, denominator, limit, label, SPEC section).
+# The denominator is a row's name or a tuple of names: the fastest (smallest
+# median) of those that ran, e.g. PEERS, "the faster of flax.nnx and
+# brainstate.nn". A limit of None reports the ratio without a target.
+LAYER_CASES = ("layernorm", "rmsnorm", "batchnorm2d", "groupnorm",
+               "grad_layernorm", "grad_rmsnorm", "grad_batchnorm2d", "grad_groupnorm")
+_TARGETS = (
+    # SPEC 7, defaults (brainnorm's robust two-pass variance, the peers' one-pass):
+    # every single-layer row, forward and forward+backward, at most the faster peer
+    *((case, BN, PEERS, 1.0, "<= faster peer", 7) for case in LAYER_CASES),
+    # LayerNorm and RMSNorm forward against the bandwidth floor
+    ("layernorm", BN, FLOOR, 2.0, "<= 2x floor (goal 1.5x)", 7),
+    ("rmsnorm", BN, FLOOR, 2.0, "<= 2x floor (goal 1.5x)", 7),
+    # GroupNorm (the bullet covers the forward and the forward+backward rows)
     ("groupnorm", BN, FLAX, 0.6, "<= 0.6x flax.nnx", 7),
-    ("grad_layernorm", BN, FLAX, 1.0, "<= flax.nnx", 7),
-    ("grad_rmsnorm", BN, FLAX, 1.0, "<= flax.nnx", 7),
-    ("grad_batchnorm2d", BN, FLAX, 1.0, "<= flax.nnx", 7),
-    ("grad_groupnorm", BN, FLAX, 1.0, "<= flax.nnx", 7),
+    ("grad_groupnorm", BN, FLAX, 0.6, "<= 0.6x flax.nnx", 7),
+    # `use_fast_variance=True`: at most flax.nnx's (one-pass, its default) time
+    *((case, BN_FAST, FLAX, 1.0, "<= flax.nnx", 7) for case in VARIANCE_CASES),
+    # like for like, no limit: brainnorm's default against the peers' two-pass variance
+    *((case, BN, TWO_PASS_PEERS, None, "like for like: vs faster two-pass peer", 7) for case in VARIANCE_CASES),
+    ("masked_layernorm", BN_MASKED, BN_UNMASKED, 1.3, "<= 1.3x brainnorm unmasked", 7),
+    ("masked_layernorm", BN_MASKED, PEERS, None, "vs faster peer (masked)", 7),
+    ("padded_layernorm", BN_PADDED, BN_UNMASKED, 1.1, "<= 1.1x brainnorm unmasked", 7),
+    ("padded_layernorm", BN_PADDED, PEERS, None, "vs faster peer (padding mask)", 7),
     ("sim_loop", BN, SCAN, 1.1, "<= 1.1x hand-written scan", 7),
+    ("sim_loop", BN, BST, None, "vs brainstate.nn", 7),
     ("compile", BN, FLAX, 1.0, "<= flax.nnx", 8),
+    ("compile", BN, BST, None, "vs brainstate.nn", 8),
+    ("jaxpr_equations", BN, FLAX, None, "vs flax.nnx", 8),
+    ("jaxpr_equations", BN, BST, None, "vs brainstate.nn", 8),
+    ("hlo_instructions", BN, FLAX, None, "vs flax.nnx", 8),
+    ("hlo_instructions", BN, BST, None, "vs brainstate.nn", 8),
     ("memory", BN, FLAX, 1.0, "<= flax.nnx", 8),
     ("memory", BN_MASKED, FLAX_MASKED, 1.0, "<= flax.nnx (masked)", 8),
-    ("e2e_convnet", BN, FLAX, None, "vs flax.nnx", 8),
-    ("e2e_convnet", BN, BST, None, "vs brainstate.nn", 8),
-    ("e2e_snn", BN, FLAX, None, "vs flax.nnx", 8),
-    ("e2e_snn", BN, BST, None, "vs brainstate.nn", 8),
+    # SPEC 7: each training step at most 1.0x both peers
+    ("e2e_convnet", BN, FLAX, 1.0, "<= flax.nnx", 7),
+    ("e2e_convnet", BN, BST, 1.0, "<= brainstate.nn", 7),
+    ("e2e_snn", BN, FLAX, 1.0, "<= flax.nnx", 7),
+    ("e2e_snn", BN, BST, 1.0, "<= brainstate.nn", 7),
 )
+TARGETS = tuple(sorted(_TARGETS, key=lambda t: CASES.index(t[0])))  # in the order of the cases (stable)
 
-# the row each case's "vs ref" column divides by (besides flax.nnx and the floor)
+# the row each case's "vs ref" column divides by (besides flax.nnx and the
+# floor); a row of a variant ("brainnorm (masked)") is divided by the
+# reference's row of the same variant where there is one
 REFERENCE_ROW = {
+    **{case: BST for case in (*LAYER_CASES, "compile", "jaxpr_equations", "hlo_instructions", "memory",
+                              "e2e_convnet", "e2e_snn")},
     "masked_layernorm": BN_UNMASKED,
-    "batchnorm2d": BST,
+    "padded_layernorm": BN_UNMASKED,
     "sim_loop": SCAN,
-    "e2e_convnet": BST,
-    "e2e_snn": BST,
 }
 
 
 # ---------------------------------------------------------------------------
 # rows and targets
 # ---------------------------------------------------------------------------
-def flax_peer(name, names):
-    """The flax.nnx row a row is compared with: the one of the same variant ("flax.nnx (masked)"), else flax.nnx."""
+def peer_row(name, base, names):
+    """The ``base`` row a row is compared with: the one of the same variant ("flax.nnx (masked)"), else ``base``."""
     variant = name[name.index(" ("):] if " (" in name else ""
-    return FLAX + variant if variant and FLAX + variant in names else FLAX
+    return base + variant if variant and base + variant in names else base
+
+
+def flax_peer(name, names):
+    """The flax.nnx row a row is compared with (``peer_row`` with flax.nnx)."""
+    return peer_row(name, FLAX, names)
 
 
 def summarize(case, impls, shape_note, unit="ms", rounds=0):
@@ -71,6 +96,7 @@ def summarize(case, impls, shape_note, unit="ms", rounds=0):
     for impl in impls:
         v = values.get(impl.name)
         flax_name = flax_peer(impl.name, values)
+        ref = peer_row(impl.name, ref_name, values) if ref_name else None
         ran = impl.samples if unit == "ms" else impl.value is not None
         row = {
             "case": case,
@@ -92,8 +118,8 @@ def summarize(case, impls, shape_note, unit="ms", rounds=0):
             "versus_flax": flax_name,
             "ratio_flax": (v / values[flax_name]) if v is not None and flax_name in values else None,
             "ratio_floor": (v / values[floor_name]) if v is not None and floor_name and case != "floor" else None,
-            "reference": ref_name,
-            "ratio_ref": (v / values[ref_name]) if v is not None and ref_name in values else None,
+            "reference": ref,
+            "ratio_ref": (v / values[ref]) if v is not None and ref in values else None,
             "samples_ms": [s * 1e3 for s in impl.samples],
         }
         rows.append(row)
@@ -108,16 +134,28 @@ def error_row(case, shape_note, exc):
             "block_medians_ms": [], "samples_ms": []}
 
 
+def pick_denominator(case, den, by_key):
+    """The row a target divides by: ``den``'s, or for a tuple the fastest (smallest value) of its rows that ran."""
+    candidates = den if isinstance(den, tuple) else (den,)
+    present = [by_key[(case, d)] for d in candidates if (case, d) in by_key and by_key[(case, d)]["value"]]
+    return min(present, key=lambda r: r["value"]) if present else None
+
+
 def evaluate_targets(rows):
-    """Every target whose case ran: the ratio of medians, the per-block ratios' range, the verdict."""
+    """Every target whose case ran: the ratio of medians, the per-block ratios' range, the verdict.
+
+    A target whose denominator is a tuple of rows is evaluated against the
+    fastest of them (smallest median; for untimed cases the smallest value)
+    that ran; ``versus`` names it and ``candidates`` lists them all.
+    """
     by_key = {(r["case"], r["impl"]): r for r in rows if r.get("value") is not None}
     cases = {r["case"] for r in rows}
     out = []
     for case, num, den, limit, label, section in TARGETS:
         if case not in cases:
             continue
-        a, b = by_key.get((case, num)), by_key.get((case, den))
-        ratio = a["value"] / b["value"] if a and b and b["value"] else None
+        a, b = by_key.get((case, num)), pick_denominator(case, den, by_key)
+        ratio = a["value"] / b["value"] if a and b else None
         ratio_min = (a["min_ms"] / b["min_ms"]
                      if a and b and a.get("min_ms") is not None and b.get("min_ms") else None)
         low, high = harness.block_ratio_range(a and a["block_medians_ms"], b and b["block_medians_ms"])
@@ -125,10 +163,12 @@ def evaluate_targets(rows):
             result = "info"
         else:
             result = "n/a" if ratio is None else ("PASS" if ratio <= limit else "FAIL")
+        candidates = list(den) if isinstance(den, tuple) else [den]
         out.append({
             "case": case,
             "impl": num,
-            "versus": den,
+            "versus": b["impl"] if b else (den if isinstance(den, str) else None),
+            "candidates": candidates,
             "limit": limit,
             "label": label,
             "spec_section": section,
@@ -154,6 +194,8 @@ def fmt_value(row):
         return "-"
     if row.get("unit") == "MiB":
         return f"{row['value']:.2f} MiB"
+    if row.get("unit") == "count":
+        return f"{row['value']:.0f}"
     return f"{row['value']:.3f} ms"
 
 
@@ -172,11 +214,18 @@ def fmt_ratio(t):
     return text
 
 
+def target_label(t):
+    """A target's label; with the row it was measured against where it is the fastest of several."""
+    if len(t.get("candidates", ())) > 1:
+        return f"{t['label']} [{t['versus'] or 'none ran'}]"
+    return t["label"]
+
+
 def target_text(t, bold=False):
     verdict = t["result"] if t["limit"] is not None else ""
     if bold and verdict:
         verdict = f"**{verdict}**"
-    return f"{t['label']}: {fmt_ratio(t)}" + (f" {verdict}" if verdict else "")
+    return f"{target_label(t)}: {fmt_ratio(t)}" + (f" {verdict}" if verdict else "")
 
 
 def _ref_cell(r):
@@ -236,7 +285,8 @@ def target_lines(targets):
         if t["ratio_block_range"] is not None:
             low, high = t["ratio_block_range"]
             blocks = f"   min-of-medians {low:.2f} [{low:.2f}-{high:.2f}]"
-        lines.append(f"  {t['result']:4s}  {t['case']:18s} {t['impl']} {t['label']}: {fmt_target_ratio(t)}{blocks}")
+        ratio = fmt_target_ratio(t)
+        lines.append(f"  {t['result']:4s}  {t['case']:18s} {t['impl']} {target_label(t)}: {ratio}{blocks}")
     return lines
 
 
@@ -302,8 +352,11 @@ def write_results(out_dir, *, mode, config, machine, wall, rows, targets, cache)
     return written
 
 
-COLORS = {BN: "#1f77b4", BN_MASKED: "#1f77b4", BN_UNMASKED: "#9ecae1", FLAX: "#ff7f0e", FLAX_MASKED: "#ff7f0e",
-          BST: "#2ca02c", TORCH: "#d62728", SCAN: "#8c564b", FLOOR: "#7f7f7f"}
+COLORS = {BN: "#1f77b4", BN_MASKED: "#1f77b4", BN_PADDED: "#1f77b4", BN_UNMASKED: "#9ecae1", BN_FAST: "#6baed6",
+          FLAX: "#ff7f0e", FLAX_MASKED: "#ff7f0e", FLAX_TWO_PASS: "#fdae6b", BST: "#2ca02c", BST_MASKED: "#2ca02c",
+          BST_TWO_PASS: "#a1d99b", TORCH: "#d62728", SCAN: "#8c564b", FLOOR: "#7f7f7f"}
+# rows drawn in the colour and legend entry of another
+LEGEND = {BN_MASKED: BN, BN_PADDED: BN, FLAX_MASKED: FLAX, BST_MASKED: BST}
 
 
 def plot(rows, targets, path, machine, cache="warm"):
@@ -317,12 +370,17 @@ def plot(rows, targets, path, machine, cache="warm"):
     except Exception as exc:
         print(f"note: no plot ({exc})")
         return False
-    limits = {(t["case"], t["versus"]): t for t in targets if t["limit"] is not None}
+    # limits drawn over the bar of the row they apply to: targets against one row (flax.nnx's or the floor)
+    limits = {(t["case"], t["impl"], t["candidates"][0]): t["limit"] for t in targets
+              if t["limit"] is not None and len(t["candidates"]) == 1}
     ok = [r for r in rows if r.get("value") is not None and r["case"] != "floor"]
     cases = [c for c in CASES if any(r["case"] == c for r in ok)]
-    fig, axes = plt.subplots(3, 1, figsize=(13, 11))
+    other = [t for t in targets if t["ratio"] is not None
+             and not (len(t["candidates"]) == 1 and t["candidates"][0] in (FLAX, FLOOR, FLAX_MASKED))]
+    fig, axes = plt.subplots(3, 1, figsize=(max(13.0, 0.28 * len(other)), 16),
+                             gridspec_kw={"height_ratios": [1, 1, 1.7]})
 
-    def panel(ax, key, versus, title, impl_filter, cap):
+    def panel(ax, key, title, impl_filter, cap):
         x0, ticks, labels, used = 0.0, [], [], {}
         for case in cases:
             rs = [r for r in ok if r["case"] == case and r[key] is not None and impl_filter(r)]
@@ -331,7 +389,7 @@ def plot(rows, targets, path, machine, cache="warm"):
             width = 0.8 / len(rs)
             for k, r in enumerate(rs):
                 name = r["impl"]
-                legend = {BN_MASKED: BN, FLAX_MASKED: FLAX}.get(name, name)
+                legend = LEGEND.get(name, name)
                 value = r[key]
                 clipped = value > cap
                 color = COLORS.get(name, "#bcbd22")
@@ -341,10 +399,13 @@ def plot(rows, targets, path, machine, cache="warm"):
                     ax.text(x0 + k * width, cap * 0.97, f"{value:.1f}", ha="center", va="top", fontsize=6,
                             rotation=90, color="white", fontweight="bold")
                 else:
-                    ax.text(x0 + k * width, value, f"{value:.2f}", ha="center", va="bottom", fontsize=6)
-            t = limits.get((case, versus))
-            if t is not None:
-                ax.hlines(t["limit"], x0 - width / 2, x0 + 0.8 - width / 2, colors="red", linestyles="--", linewidth=1.5)
+                    ax.text(x0 + k * width, value, f"{value:.2f}", ha="center", va="bottom", fontsize=6,
+                            rotation=90 if len(rs) > 5 else 0)
+                # the limit of a target on exactly this ratio (this row against the bar's denominator)
+                limit = limits.get((case, name, r.get("versus_flax") if key == "ratio_flax" else FLOOR))
+                if limit is not None:
+                    ax.hlines(limit, x0 + (k - 0.5) * width, x0 + (k + 0.5) * width, colors="red",
+                              linestyles="--", linewidth=1.5)
             ticks.append(x0 + 0.4 - width / 2)
             labels.append(case)
             x0 += 1.0
@@ -354,25 +415,27 @@ def plot(rows, targets, path, machine, cache="warm"):
         ax.set_xticklabels(labels, rotation=20, ha="right", fontsize=8)
         ax.set_title(title + f"; bars above {cap:g} are cut (hatched)", fontsize=10)
         handles = [Patch(color=color, label=name) for name, color in used.items()]
-        handles.append(Line2D([], [], color="red", linestyle="--", label="SPEC limit (brainnorm)"))
+        handles.append(Line2D([], [], color="red", linestyle="--", label="SPEC limit"))
         ax.legend(handles=handles, fontsize=7, ncol=8, loc="upper left")
 
-    panel(axes[0], "ratio_flax", FLAX, "time (memory: bytes) / flax.nnx's (red dashes: SPEC limit for brainnorm)",
+    panel(axes[0], "ratio_flax", "time (memory: bytes; counts) / flax.nnx's of the same variant "
+          "(red dashes: SPEC limit of that ratio)",
           lambda r: r["impl"] != FLOOR, cap=3.0)
-    panel(axes[1], "ratio_floor", FLOOR, "time / bandwidth floor x*a+b on the same array (red dashes: limit)",
+    panel(axes[1], "ratio_floor", "time / bandwidth floor x*a+b on the same array (red dashes: limit)",
           lambda r: r["impl"] != FLOOR, cap=8.0)
     ax = axes[2]
-    other = [t for t in targets if t["versus"] not in (FLAX, FLOOR, FLAX_MASKED) and t["ratio"] is not None]
     for k, t in enumerate(other):
         color = {"PASS": "#2ca02c", "FAIL": "#d62728"}.get(t["result"], "#7f7f7f")
         ax.bar(k, t["ratio"], 0.6, color=color)
         if t["limit"] is not None:
             ax.hlines(t["limit"], k - 0.35, k + 0.35, colors="red", linestyles="--", linewidth=1.5)
-        ax.text(k, t["ratio"], f"{t['ratio']:.2f}", ha="center", va="bottom", fontsize=8)
+        ax.text(k, t["ratio"], f"{t['ratio']:.2f}", ha="center", va="bottom", fontsize=6, rotation=90)
     ax.set_xticks(range(len(other)))
-    ax.set_xticklabels([f"{t['case']}\n{t['impl']} / {t['versus']}" for t in other], fontsize=8)
+    ax.set_xticklabels([f"{t['case']}: {t['impl']} / {t['versus']}" for t in other], fontsize=6, rotation=90)
+    ax.set_xlim(-0.6, max(len(other), 1) - 0.4)
     ax.axhline(1.0, color="black", linewidth=0.6)
-    ax.set_title("other ratios: bar (green PASS, red FAIL, grey no target) and SPEC limit (red dashes)", fontsize=10)
+    ax.set_title("other ratios (a denominator chosen among several: the fastest): bar (green PASS, red FAIL, "
+                 "grey no target) and SPEC limit (red dashes)", fontsize=10)
     fig.suptitle(f"brainnorm benchmarks: {machine['cpu_model']} ({machine['cpus_available']} CPUs), "
                  f"jax {machine['jax']}, flax {machine['flax']}, torch {machine['torch']}; {cache} caches", fontsize=10)
     fig.tight_layout()
