@@ -63,7 +63,14 @@ def test_every_brainstate_normalization_class_has_a_counterpart():
         assert issubclass(getattr(brainnorm, name), brainstate.nn.Module)
 
 
-def _compare_call(name, ours, peer, x, cot, mask, *, param_attr="weight", fit=None, same_param_shape=True):
+def _compare_call(name, ours, peer, x, cot, mask, *, param_attr="weight", fit=None, same_param_shape=True,
+                  conditioning=1.0):
+    """``conditioning``: see :func:`_one_pass_conditioning`; its rounding bound is added to each tolerance."""
+
+    def slack(reference):  # float32 rounding amplified by the one-pass variance's conditioning
+        eps = float(np.finfo(np.float32).eps)
+        return 8 * eps * (conditioning - 1.0) * float(np.max(np.abs(reference), initial=1.0))
+
     """One forward/backward through both; parameter gradients compared entry by entry."""
     if fit is None:
         y_p, dx_p, dp_p = brainnorm_grads(peer, x, cot, mask)
@@ -72,20 +79,21 @@ def _compare_call(name, ours, peer, x, cot, mask, *, param_attr="weight", fit=No
         with brainstate.environ.context(fit=fit):
             y_p, dx_p, dp_p = brainnorm_grads(peer, x, cot, mask)
             y, dx, dp = brainnorm_grads(ours, x, cot, mask)
-    check(PEER, name, "output", y, y_p, atol=ATOL)
-    check(PEER, name, "grad x", dx, dx_p, atol=GRAD_TOL, rtol=GRAD_TOL)
+    check(PEER, name, "output", y, y_p, atol=ATOL + slack(y_p))
+    check(PEER, name, "grad x", dx, dx_p, atol=GRAD_TOL + slack(dx_p), rtol=GRAD_TOL)
     assert set(dp) == set(dp_p), (set(dp), set(dp_p))
     for path in dp_p:
         assert set(dp[path]) == set(dp_p[path])
         for key in dp_p[path]:
             if same_param_shape:
                 assert dp[path][key].shape == dp_p[path][key].shape
-            check(PEER, name, "grad params", np.ravel(dp[path][key]), np.ravel(dp_p[path][key]), atol=GRAD_TOL,
-                  rtol=GRAD_TOL)
+            check(PEER, name, "grad params", np.ravel(dp[path][key]), np.ravel(dp_p[path][key]),
+                  atol=GRAD_TOL + slack(dp_p[path][key]), rtol=GRAD_TOL)
     sgd(ours, dp, LR)
     sgd(peer, dp_p, LR)
     for key, value in getattr(peer, param_attr).value.items():
-        check(PEER, name, "params", np.ravel(getattr(ours, param_attr).value[key]), np.ravel(value), atol=ATOL)
+        check(PEER, name, "params", np.ravel(getattr(ours, param_attr).value[key]), np.ravel(value),
+              atol=ATOL + slack(value))
 
 
 def _feature_params(rng, in_size, feature_axes):
@@ -275,7 +283,24 @@ def test_group_norm(channels, groups, group_size, batch, masked, fast, rng):
             mask = rng.random(shape) < 0.7
             mask[..., :: ours.group_size] = True
             mask[..., 1:: ours.group_size] = True
-        _compare_call("GroupNorm", ours, peer, x, cot, mask)
+        conditioning = _one_pass_conditioning(x, mask, ours.num_groups) if fast else 1.0
+        _compare_call("GroupNorm", ours, peer, x, cot, mask, conditioning=conditioning)
+
+
+def _one_pass_conditioning(x, mask, num_groups):
+    """``max(1, E[x^2] / Var[x])`` over the groups (float64, valid elements only).
+
+    The one-pass variance ``E[x^2] - E[x]^2`` (``use_fast_variance=True``,
+    on both sides) loses this factor in relative accuracy, so two correct
+    implementations differ by up to it times their rounding (1 for the
+    default, shifted statistics: no slack).
+    """
+    x = np.asarray(x, np.float64).reshape(x.shape[:-1] + (num_groups, -1))
+    w = np.ones(x.shape) if mask is None else np.asarray(mask, np.float64).reshape(x.shape)
+    n = np.maximum(w.sum(-1), 1)
+    second = (w * x * x).sum(-1) / n
+    var = second - ((w * x).sum(-1) / n) ** 2
+    return float(max(1.0, np.max(second / np.maximum(var, 1e-12))))
 
 
 def test_group_norm_sequence_input_equivalence(rng):
