@@ -600,6 +600,10 @@ def _reduce_sums_jvp(axes, primals, tangents):
     return _reduce_sums(axes, *primals), tuple(jnp.sum(t, axis=axes) for t in tangents)
 
 
+def _steps_fit(r) -> bool:
+    return r % _LANE_STEP == 0 and r >= 2 * _LANE_STEP
+
+
 def _lane_sums(values, axes):
     """Sums of same-shaped ``values`` over ``axes`` (dropped), by stages that each read their input once.
 
@@ -610,8 +614,9 @@ def _lane_sums(values, axes):
     * the innermost axes reduced (LayerNorm, RMSNorm): they are merged and
       split into blocks of 64 lanes (then 8), each stage summing the blocks;
     * the innermost axes kept (channels last): the reduced axis next to them
-      is split into steps of 16, which one stage sums with the kept elements
-      as lanes.
+      (merged with the reduced axes before it while shorter than 32, the
+      leading axis excepted) is split into steps of 16, which one stage sums
+      with the kept elements as lanes.
 
     Whatever is left (the lanes, leading axes) is summed last, on data at
     least 16 times smaller: by one reduction when only lanes remain, else by
@@ -634,13 +639,17 @@ def _lane_sums(values, axes):
         if m <= _LANES and all(a >= trailing for a in axes):
             return _variadic_sum(values, axes)  # short rows: one reduction
     else:
-        # channels last: split the reduced axis next to the kept ones
+        # channels last: split the reduced axis next to the kept ones, merged with the
+        # reduced axes before it while it is too short (never with the leading axis)
         j = max(axes)
-        r = shape[j]
-        if r % _LANE_STEP == 0 and r >= 2 * _LANE_STEP:
-            split = shape[:j] + [r // _LANE_STEP, _LANE_STEP] + shape[j + 1 :]
-            parts = _variadic_sum([jnp.reshape(v, split) for v in values], (j + 1,))
-            return _lane_sums(parts, axes)
+        start = j
+        while not _steps_fit(math.prod(shape[start : j + 1])) and start - 1 >= 1 and start - 1 in axes:
+            start -= 1
+        r = math.prod(shape[start : j + 1])
+        if _steps_fit(r):
+            split = shape[:start] + [r // _LANE_STEP, _LANE_STEP] + shape[j + 1 :]
+            parts = _variadic_sum([jnp.reshape(v, split) for v in values], (start + 1,))
+            return _lane_sums(parts, [a for a in axes if a < start] + [start])
     return tuple(jnp.sum(v, axis=tuple(axes)) for v in values)
 
 
