@@ -54,7 +54,7 @@ def parse_args(argv=None):
     p.add_argument("--runs", type=int, default=None, help="timed runs per round and implementation (default 2; quick: 3)")
     p.add_argument("--min-time", type=float, default=None,
                    help="more runs per round until the slowest implementation of a case has this many seconds "
-                        "of samples (default 0.3; quick: 0)")
+                        "of samples (default 1.0; quick: 0)")
     p.add_argument("--warmup", type=int, default=None, help="calls after the first (compiling) one (default 2; quick: 1)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cold", action="store_true",
@@ -80,7 +80,7 @@ def parse_args(argv=None):
         args.cases = list(cases.CASES)
     args.rounds = args.rounds or (1 if args.quick else 25)
     if args.min_time is None:
-        args.min_time = 0.0 if args.quick else 0.3
+        args.min_time = 0.0 if args.quick else 1.0
     args.runs = args.runs or (3 if args.quick else 2)
     args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
     return args
