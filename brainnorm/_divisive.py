@@ -22,7 +22,14 @@ from . import _divisive_functional as DF
 from . import _units
 from ._base import _check_state_type, _Normalization
 from ._states import NormalizationParamState
-from ._validation import check_epsilon
+from ._validation import (
+    canonical_in_size,
+    check_dtype,
+    check_epsilon,
+    check_flag,
+    check_real,
+    check_representable,
+)
 
 __all__ = ["GDN", "DivisiveNormalization", "DynamicDivisiveNormalization"]
 
@@ -75,17 +82,50 @@ class _NonNegative:
         return _lower_bound(raw, self.bound) ** 2 - self.pedestal
 
 
-def _check_nonnegative_number(owner, option, value, *, strict=False):
-    expected = "a positive finite number" if strict else "a nonnegative finite number"
-    if isinstance(value, bool) or not isinstance(value, (numbers.Real, np.floating, np.integer)):
-        raise TypeError(f"{owner}: {option} must be {expected}, got {type(value).__name__} {value!r}.")
-    if not math.isfinite(float(value)) or value < 0 or (strict and value == 0):
-        raise ValueError(f"{owner}: {option} must be {expected}, got {value!r}.")
-    return float(value)
+def _check_nonnegative_number(owner, option, value, dtype, *, strict=False):
+    """A nonnegative (positive with ``strict``) finite number that stays finite in ``dtype``; as a float."""
+    return check_real(owner, option, value, positive=strict, nonnegative=not strict, dtype=dtype)
+
+
+def _check_reparam_offset(owner, offset, dtype, minimum, minimum_option):
+    """A positive ``reparam_offset`` whose square (the pedestal) stays finite in ``dtype`` and small enough
+    that the lower bound ``minimum`` survives ``(minimum + pedestal) - pedestal`` there."""
+    offset = _check_nonnegative_number(owner, "reparam_offset", offset, dtype, strict=True)
+    pedestal = offset * offset
+    check_representable(owner, "reparam_offset", pedestal, dtype)
+    real = jnp.dtype(jnp.zeros((), dtype).real.dtype)
+    with np.errstate(over="ignore"):
+        kept = float(np.asarray(np.asarray(minimum + pedestal, real) - np.asarray(pedestal, real), real))
+    if not kept >= 0.5 * minimum:
+        raise ValueError(
+            f"{owner}: reparam_offset must be small enough that {minimum_option}={minimum!r} survives the "
+            f"pedestal reparam_offset ** 2 in {real.name} (CompressAI uses 2 ** -18), got {offset!r}."
+        )
+    return offset
+
+
+def _check_fits(owner, option, value, dtype):
+    """The values of ``option`` (concrete) must stay finite in the parameter dtype ``dtype``."""
+    values = np.asarray(value, np.float64)
+    if values.size:
+        check_representable(owner, option, float(np.max(np.abs(values))), dtype)
 
 
 def _param_dtype(param_dtype):
     return brainstate.environ.dftype() if param_dtype is None else param_dtype
+
+
+_MAX_SIZE = 2**31 - 1
+
+
+def _check_in_size(owner, in_size):
+    """``in_size`` of a channel layer: at least one axis (the feature axis), sizes that an index can hold."""
+    size = canonical_in_size(owner, in_size)
+    if not size:
+        raise ValueError(f"{owner}: in_size must have at least one axis (the feature axis), got {in_size!r}.")
+    if any(d > _MAX_SIZE for d in size):
+        raise ValueError(f"{owner}: in_size must contain sizes of at most {_MAX_SIZE}, got {size!r}.")
+    return size
 
 
 class _ChannelLayer(_Normalization):
@@ -100,6 +140,12 @@ class _ChannelLayer(_Normalization):
 
     def _call_axis(self, ndim):
         return self._x_axes(self.feature_axes, ndim)[0]
+
+    def _prepare_real_input(self, x, mask):
+        """``(mantissa, unit, mask)`` of a real input (any floating dtype), checked in this layer's name."""
+        x_m, unit, mask, _ = self._prepare_input(x, mask)
+        DF.check_real(self._owner, "x", x_m)
+        return x_m, unit, mask
 
 
 class _DivisiveOptions(_ChannelLayer):
@@ -116,6 +162,11 @@ class _DivisiveOptions(_ChannelLayer):
             weights = jnp.full((channels, channels), 1.0 / channels)
         weights = DF.check_pool_matrix(owner, "weights", weights, channels)
         return sigma_m, gain_m, weights
+
+    def _sigma_in(self, unit):
+        """``sigma`` in the unit of the input (a plain ``sigma`` is read in it), checked in this layer's name."""
+        sigma = self.sigma
+        return _units.in_unit(self._owner, "sigma", sigma, unit) if isinstance(sigma, u.Quantity) else sigma
 
 
 # ---------------------------------------------------------------------------
@@ -215,17 +266,16 @@ class DivisiveNormalization(_DivisiveOptions):
         param_type=NormalizationParamState,
         name=None,
     ):
-        super().__init__(in_size, name=name)
+        super().__init__(_check_in_size(type(self).__name__, in_size), name=name)
         owner = self._owner
         self._setup_channels(feature_axis)
         sigma_m, gain_m, weights = self._setup_divisive(exponent, sigma, gain, weights)
-        if not isinstance(learnable, (bool, np.bool_)):
-            raise TypeError(f"{owner}: learnable must be a bool, got {type(learnable).__name__} {learnable!r}.")
-        self.learnable = bool(learnable)
-        self.sigma_min = _check_nonnegative_number(owner, "sigma_min", sigma_min, strict=True)
-        offset = _check_nonnegative_number(owner, "reparam_offset", reparam_offset, strict=True)
-        self.dtype = dtype
-        self.param_dtype = param_dtype
+        self.learnable = bool(check_flag(owner, "learnable", learnable))
+        self.dtype = check_dtype(owner, "dtype", dtype)
+        self.param_dtype = check_dtype(owner, "param_dtype", param_dtype, parameter=True)
+        dtype_p = _param_dtype(self.param_dtype)
+        self.sigma_min = _check_nonnegative_number(owner, "sigma_min", sigma_min, dtype_p, strict=True)
+        offset = _check_reparam_offset(owner, reparam_offset, dtype_p, self.sigma_min, "sigma_min")
         self._weights_reparam = _NonNegative(0.0, offset)
         self._sigma_reparam = _NonNegative(self.sigma_min, offset)
         if self.learnable:
@@ -235,7 +285,8 @@ class DivisiveNormalization(_DivisiveOptions):
                     f"got {np.asarray(sigma_m)!r}."
                 )
             _check_state_type(owner, "param_type", param_type, trainable=True)
-            dtype_p = _param_dtype(param_dtype)
+            for option, value in (("sigma", sigma_m), ("gain", gain_m), ("weights", weights)):
+                _check_fits(owner, option, value, dtype_p)
             self.weight = param_type(
                 {
                     "weights": self._weights_reparam.raw(weights.astype(dtype_p)),
@@ -280,16 +331,17 @@ class DivisiveNormalization(_DivisiveOptions):
         Array or Quantity
             Same shape as ``x``, in the unit of ``gain``.
         """
-        x_m, unit, mask, _ = self._prepare_input(x, mask)
-        return DF.divisive_normalization(
-            _units.attach(x_m, unit),
-            exponent=self.exponent,
-            sigma=self.sigma,
-            gain=self.gain,
-            weights=self.weights,
-            feature_axis=self._call_axis(x_m.ndim),
-            mask=mask,
-            dtype=self.dtype,
+        x_m, unit, mask = self._prepare_real_input(x, mask)
+        return DF._divisive_normalization(
+            self._owner,
+            x_m,
+            self.exponent,
+            self._sigma_in(unit),
+            self.gain,
+            self.weights,
+            self._call_axis(x_m.ndim),
+            mask,
+            self.dtype,
         )
 
 
@@ -379,21 +431,25 @@ class GDN(_ChannelLayer):
         param_type=NormalizationParamState,
         name=None,
     ):
-        super().__init__(in_size, name=name)
+        super().__init__(_check_in_size(type(self).__name__, in_size), name=name)
         owner = self._owner
         self._setup_channels(feature_axis)
-        if not isinstance(inverse, (bool, np.bool_)):
-            raise TypeError(f"{owner}: inverse must be a bool, got {type(inverse).__name__} {inverse!r}.")
-        self.inverse = bool(inverse)
-        self.beta_min = float(check_epsilon(owner, beta_min, option="beta_min"))
-        self.gamma_init = _check_nonnegative_number(owner, "gamma_init", gamma_init)
-        self.reparam_offset = _check_nonnegative_number(owner, "reparam_offset", reparam_offset, strict=True)
-        self.dtype = dtype
-        self.param_dtype = param_dtype
+        self.inverse = bool(check_flag(owner, "inverse", inverse))
+        self.dtype = check_dtype(owner, "dtype", dtype)
+        self.param_dtype = check_dtype(owner, "param_dtype", param_dtype, parameter=True)
+        dtype_p = _param_dtype(self.param_dtype)
+        if isinstance(beta_min, u.Quantity):
+            raise TypeError(
+                f"{owner}: beta_min must be a positive finite number (in the squared unit of the input), "
+                f"got a Quantity {beta_min!r}."
+            )
+        self.beta_min = _check_nonnegative_number(owner, "beta_min", beta_min, dtype_p, strict=True)
+        check_epsilon(owner, self.beta_min, option="beta_min")
+        self.gamma_init = _check_nonnegative_number(owner, "gamma_init", gamma_init, dtype_p)
+        self.reparam_offset = _check_reparam_offset(owner, reparam_offset, dtype_p, self.beta_min, "beta_min")
         self._beta_reparam = _NonNegative(self.beta_min, self.reparam_offset)
         self._gamma_reparam = _NonNegative(0.0, self.reparam_offset)
         _check_state_type(owner, "param_type", param_type, trainable=True)
-        dtype_p = _param_dtype(param_dtype)
         channels = self.num_channels
         self.weight = param_type(
             {
@@ -425,15 +481,16 @@ class GDN(_ChannelLayer):
         -------
         Array or Quantity
         """
-        x_m, unit, mask, _ = self._prepare_input(x, mask)
-        return DF.gdn(
+        x_m, unit, mask = self._prepare_real_input(x, mask)
+        return DF._gdn(
+            self._owner,
             _units.attach(x_m, unit),
             self.beta,
             self.gamma,
-            inverse=self.inverse,
-            feature_axis=self._call_axis(x_m.ndim),
-            mask=mask,
-            dtype=self.dtype,
+            self.inverse,
+            self._call_axis(x_m.ndim),
+            mask,
+            self.dtype,
         )
 
 
@@ -511,6 +568,18 @@ class DynamicDivisiveNormalization(_DivisiveOptions):
     and :math:`|R| \le \max(|R_0|, \max_t |g d|)`: the circuit stays bounded
     for any finite input, at any ``dt``.
 
+    **Range.** :math:`d` and :math:`p` leave the range of the state dtype
+    for :math:`|x| \gg \sigma` (:math:`p = 10^{40}` for :math:`x = 10^{20}`,
+    :math:`\sigma = 1`, :math:`n = 2`) although :math:`R` does not. Both are
+    formed with one divisor, so their ratio, which fixes :math:`R^*`, is kept
+    where that divisor is raised (as if :math:`\sigma_i` were raised just
+    enough for that channel): where :math:`|d_i|` or :math:`p_i` would exceed
+    a quarter of the largest value of the state dtype (the larger is then
+    that quarter, and :math:`c` stays finite), and where :math:`\sigma_i`
+    lies more than about :math:`2^{126/n}` below the largest input magnitude
+    at its position. The target :math:`g d / (1 + c)` is held within half the
+    largest value, so the states are finite for any finite input and gain.
+
     Parameters
     ----------
     in_size : int or sequence of int
@@ -576,7 +645,7 @@ class DynamicDivisiveNormalization(_DivisiveOptions):
         dtype=None,
         name=None,
     ):
-        super().__init__(in_size, name=name)
+        super().__init__(_check_in_size(type(self).__name__, in_size), name=name)
         owner = self._owner
         self._setup_channels(feature_axis)
         self.tau = tau
@@ -587,7 +656,7 @@ class DynamicDivisiveNormalization(_DivisiveOptions):
         self.sigma = _units.attach(sigma_m, self.sigma_unit)
         self.gain = _units.attach(gain_m, self.gain_unit)
         self.weights = weights
-        self.dtype = dtype
+        self.dtype = check_dtype(owner, "dtype", dtype, parameter=True)
         self.response = None
         self.conductance = None
 
@@ -668,7 +737,7 @@ class DynamicDivisiveNormalization(_DivisiveOptions):
                 f"{owner}: the states are not initialized; call init_state(batch_size) (or "
                 f"brainstate.nn.init_all_states(model)) before update."
             )
-        x_m, unit, mask, _ = self._prepare_input(x, mask)
+        x_m, unit, mask = self._prepare_real_input(x, mask)
         state_shape = tuple(self.conductance.value.shape)
         try:
             fits = np.broadcast_shapes(x_m.shape, state_shape) == state_shape
@@ -680,24 +749,38 @@ class DynamicDivisiveNormalization(_DivisiveOptions):
                 f"init_state, then in_size), got shape {x_m.shape}."
             )
         membrane_step, pool_decay = self._decays()
-        drive, pool = DF.divisive_normalization_terms(
-            _units.attach(x_m, unit),
-            exponent=self.exponent,
-            sigma=self.sigma,
-            weights=self.weights,
-            feature_axis=self._call_axis(x_m.ndim),
-            mask=mask,
-        )
         state_dtype = self.conductance.value.dtype
-        gain = jnp.asarray(_units.split(self.gain)[0], state_dtype)
-        if gain.ndim:
+        largest = float(jnp.finfo(state_dtype).max)
+        # drive and pool in at least float32 (the update runs in it); the states are
+        # rounded to their dtype once, at the end
+        compute = jnp.promote_types(state_dtype, jnp.float32)
+        drive, pool = DF._divisive_normalization_terms(
+            owner,
+            x_m,
+            self.exponent,
+            self._sigma_in(unit),
+            self.weights,
+            self._call_axis(x_m.ndim),
+            mask,
+            compute,
+            largest / 4,
+        )
+        gain = jnp.asarray(_units.split(self.gain)[0], compute)
+        if gain.size == 1:
+            gain = gain.reshape(())
+        else:
             gain = gain.reshape(
                 tuple(self.num_channels if i == self.feature_axes[0] else 1 for i in range(len(self.in_size)))
             )
-        conductance = self.conductance.value
-        conductance = pool + (conductance - pool) * pool_decay
-        target = gain * drive / (1 + conductance)
-        response = _units.split(self.response.value)[0]
+        conductance = self.conductance.value.astype(compute)
+        if self._tau_pool_ms == 0:
+            conductance = pool  # (c - p) * 0 would be nan for an infinite c written by the user
+        else:
+            conductance = pool + (conductance - pool) * pool_decay
+        # |drive / (1 + c)| <= bound; the gain may still carry it out of range: held within half
+        # the largest value, so that response - target below cannot overflow
+        target = jnp.clip(gain * DF.quotient(drive, 1 + conductance), -largest / 2, largest / 2)
+        response = _units.split(self.response.value)[0].astype(compute)
         response = target + (response - target) * jnp.exp(-membrane_step * (1 + conductance))
         self.conductance.value = conductance.astype(state_dtype)
         self.response.value = _units.attach(response.astype(state_dtype), self.gain_unit)

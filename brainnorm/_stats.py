@@ -1174,13 +1174,21 @@ def instance_running_statistics(
 
 
 def standardize_weight(w, axes, eps, gain=None):
-    """Weight standardization: ``(w - E[w]) / sqrt(max(Var[w] * n, eps)) * gain`` over ``axes``."""
-    stats = compute_moments(w, axes)
+    """Weight standardization: ``(w - E[w]) / sqrt(max(Var[w] * n, eps)) * gain`` over ``axes``.
+
+    Formed on the core's scaled moments (those of ``(w - shift) * s``, ``s`` a
+    power of two): ``Var[w] * n`` would overflow for weights near 1e19, and
+    epsilon is scaled alike (kept above the smallest normal number, so a
+    constant group still gives 0).
+    """
+    stats = compute_moments(w, axes, scaled=True)
     fan_in = math.prod(w.shape[a] for a in axes)
-    factor = jax.lax.rsqrt(jnp.maximum(stats.var * fan_in, eps))
+    s = stats.scale
+    tiny = jnp.finfo(stats.var.dtype).tiny
+    factor = jax.lax.rsqrt(jnp.maximum(stats.var * fan_in, jnp.maximum(eps * jnp.square(s), tiny))) * s
     if gain is not None:
         factor = factor * gain
-    return ((w.astype(stats.var.dtype) - stats.shift) - stats.delta) * factor
+    return ((w.astype(stats.var.dtype) - stats.shift) - stats.delta * (1 / s)) * factor
 
 
 def local_response(x, size, alpha, beta, k, feature_axis, *, mask=None):
@@ -1223,20 +1231,28 @@ def l2_norm(v, axes, floor=0.0):
 def lp_normalized(x, p, axes, epsilon, mask=None):
     """``x / max(||x||_p, epsilon)`` over ``axes``; masked positions left out of the norm and set to 0.
 
-    The norm is formed on ``|x| * s`` with ``s`` a power of two from the
-    largest magnitude (exact), so ``|x|^p`` cannot overflow; where the norm is
-    0 its derivative is taken as 0 (PyTorch's subgradient), and ``|x|^p`` is
-    differentiated safely at 0 for any ``p``.
+    The quotient is formed as ``(x s) / max(||x s||_p, epsilon s)``, with
+    ``s`` a power of two (exact, a constant under differentiation) that brings
+    the largest magnitude into ``[1/2, 1]``: below 1 for large values, so that
+    ``|x|^p`` cannot overflow, and above 1 for small ones, so that it is not
+    flushed to 0 (XLA's CPU backend flushes subnormals); ``epsilon`` is still
+    compared with the norm in the unit of ``x``. The denominator is then near
+    1, so the derivative of the quotient (through its inverse square) stays
+    in range too. Where the norm is 0 its derivative is taken as 0 (PyTorch's
+    subgradient), and ``|x|^p`` is differentiated safely at 0 for any ``p``.
     """
     sdtype = stats_dtype(x.dtype)
     xs = x.astype(sdtype)
     valid = xs if mask is None else jnp.where(mask, xs, jnp.zeros((), sdtype))
     magnitude = jnp.abs(valid)
     largest = jnp.max(magnitude, axis=tuple(axes), keepdims=True)
+    frozen = jax.lax.stop_gradient(largest)
+    # _magnitude_scale only shrinks (magnitudes of 1 and above); below 1 the factor is the
+    # reciprocal of its factor for 1 / largest, halved (1 / 0 = inf gives 2^125 in float32)
+    scale = jax.lax.stop_gradient(jnp.where(frozen < 1, 0.5 / _magnitude_scale(1 / frozen), _magnitude_scale(frozen)))
     if p == math.inf:
-        norm = largest
+        norm = largest * scale
     else:
-        scale = _magnitude_scale(largest)
         scaled = magnitude * scale
         if p == 2:
             powered = jnp.square(scaled)
@@ -1247,7 +1263,6 @@ def lp_normalized(x, p, axes, epsilon, mask=None):
             powered = jnp.where(positive, jnp.where(positive, scaled, 1) ** p, 0)
         total = jnp.sum(powered, axis=tuple(axes), keepdims=True)
         positive = total > 0
-        root = jnp.where(positive, jnp.where(positive, total, 1) ** (1 / p), 0)
-        norm = root / scale
+        norm = jnp.where(positive, jnp.where(positive, total, 1) ** (1 / p), 0)
     # the selected copy holds 0 at masked positions: they return 0, and padding (even nan) never enters
-    return valid / jnp.maximum(norm, jnp.asarray(epsilon, norm.dtype))
+    return (valid * scale) / jnp.maximum(norm, jnp.asarray(epsilon, norm.dtype) * scale)
