@@ -24,6 +24,8 @@ from ._validation import (
     check_input,
     check_mask,
     check_momentum,
+    check_momentum_shape,
+    check_name,
     check_trailing_shape,
 )
 
@@ -70,7 +72,7 @@ class _Normalization(brainstate.nn.Module):
     """
 
     def __init__(self, in_size, *, name=None):
-        super().__init__(name=name)
+        super().__init__(name=check_name(type(self).__name__, name))
         self.in_size = canonical_in_size(type(self).__name__, in_size)
         self.out_size = self.in_size
 
@@ -140,15 +142,45 @@ class _Normalization(brainstate.nn.Module):
         _check_state_type(self._owner, "param_type", param_type, trainable=True)
         dtype = brainstate.environ.dftype() if param_dtype is None else param_dtype
         values = {}
-        if use_scale:
+        # a given initializer is checked even when unused: a wrong one is a mistake whether or not
+        # use_scale is on
+        if use_scale or scale_init is not None:
             check_initializer(self._owner, "scale_init", scale_init)
-        if use_bias:
+        if use_bias or bias_init is not None:
             check_initializer(self._owner, "bias_init", bias_init)
         if use_scale:
             values["scale"] = _resolve_init(self._owner, "scale_init", scale_init, feature_shape, dtype)
         if use_bias:
             values["bias"] = _resolve_init(self._owner, "bias_init", bias_init, feature_shape, dtype)
+        if use_scale and use_bias:
+            _check_affine_units(self._owner, values["scale"], values["bias"])
         return param_type(values) if values else None
+
+
+def _check_affine_units(owner, scale, bias):
+    """The bias is added to the scaled output, in the scale's unit: the two initial values must agree.
+
+    Checked at construction so that, for example, a scale in ms with the
+    default plain zero bias fails here, naming the layer, rather than at the
+    first call.
+    """
+    scale_unit = _units.split(scale)[1]
+    bias_unit = _units.split(bias)[1]
+    if scale_unit is None and bias_unit is None:
+        return
+    if scale_unit is not None and bias_unit is not None and u.have_same_dim(scale_unit, bias_unit):
+        return
+    expected = "a plain number" if scale_unit is None else f"a Quantity in a unit convertible to {scale_unit}"
+    given = "a plain number" if bias_unit is None else f"a Quantity in {bias_unit}"
+    fix = (
+        f"e.g. bias_init=brainstate.nn.init.Constant(0.0 * {scale_unit}), or scale_init without a unit"
+        if scale_unit is not None
+        else "give scale_init in the bias's unit too"
+    )
+    raise _units.UnitError(
+        f"{owner}: bias_init must be {expected} like scale_init (the bias is added to the scaled output, in the "
+        f"scale's unit; {fix}), got {given}."
+    )
 
 
 def _affine_values(state):
@@ -215,6 +247,10 @@ class _RunningStatistics:
         self.feature_axes = self._sample_axes("feature_axis", feature_axis)
         self.epsilon = check_epsilon(owner, epsilon)
         self.momentum = check_momentum(owner, momentum)
+        if self.momentum is not None and jnp.ndim(self.momentum):
+            # one value per channel: it must broadcast to the running statistics of every call (and of
+            # every time step), whose trailing axes are the feature shape
+            check_momentum_shape(owner, self.momentum, self._feature_shape(self.feature_axes), "the feature shape")
         self.use_scale = check_flag(owner, "use_scale", use_scale)
         self.use_bias = check_flag(owner, "use_bias", use_bias)
         self.track_running_stats = check_flag(owner, "track_running_stats", track_running_stats)
@@ -229,6 +265,9 @@ class _RunningStatistics:
         )
         self.scale_init = scale_init
         self.bias_init = bias_init
+        # checked even without running statistics (an unused wrong option is still a mistake)
+        _check_state_type(owner, "mean_type", mean_type, trainable=False)
+        _units.check_unit(owner, unit)
         stat_shape = tuple(leading_shape) + self._feature_shape(self.feature_axes)
         self.weight = self._affine_state(
             stat_shape,
@@ -247,9 +286,7 @@ class _RunningStatistics:
     def _init_running_stats(self, feature_shape, mean_type, param_dtype, unit=None, counter_shape=()):
         _check_state_type(self._owner, "mean_type", mean_type, trainable=False)
         dtype = brainstate.environ.dftype() if param_dtype is None else param_dtype
-        if unit is not None and not isinstance(unit, u.Unit):
-            raise TypeError(f"{self._owner}: unit must be a brainunit Unit (e.g. brainunit.mV), got {unit!r}.")
-        unit = None if unit is None or unit.is_unitless else unit
+        unit = _units.check_unit(self._owner, unit)
         self.running_mean = mean_type(_units.attach(jnp.zeros(feature_shape, dtype), unit))
         self.running_var = mean_type(_units.attach(jnp.ones(feature_shape, dtype), None if unit is None else unit**2))
         self.num_batches_tracked = mean_type(jnp.zeros(counter_shape, jnp.int32))

@@ -9,7 +9,7 @@ from . import _units
 from . import functional as F
 from ._base import _affine_values, _Normalization, _pick, _RunningStatistics
 from ._states import NormalizationParamState
-from ._validation import check_real
+from ._validation import check_flag, check_real
 
 __all__ = ["BatchNorm0d", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchRenorm"]
 
@@ -59,7 +59,7 @@ class _BatchNorm(_RunningStatistics, _Normalization):
                 f"{owner}: in_size must have {self.num_spatial_dims + 1} entries (spatial dims and channels), "
                 f"got {self.in_size}."
             )
-        self.affine = bool(affine)
+        self.affine = check_flag(owner, "affine", affine)
         self._setup_statistics(
             feature_axis=feature_axis,
             epsilon=epsilon,
@@ -157,10 +157,11 @@ _BATCH_NORM_DOC = r"""{rank} batch normalization (Ioffe and Szegedy, 2015).
         Keep running statistics. False: batch statistics in training and eval.
     epsilon : float
         Added to the variance. Default 1e-5.
-    momentum : float or None
-        Weight of the old running value, in [0, 1]. None: cumulative average of
-        every batch seen (PyTorch ``momentum=None``), counted by
-        ``num_batches_tracked``.
+    momentum : float, array or None
+        Weight of the old running value, in [0, 1]. An array gives one value
+        per channel: it must broadcast to the feature shape (``in_size`` with 1
+        at the non-feature axes). None: cumulative average of every batch seen
+        (PyTorch ``momentum=None``), counted by ``num_batches_tracked``.
     affine : bool
         Learn ``scale`` and ``bias`` (brainstate keyword); ``use_scale`` and
         ``use_bias`` override it per parameter.
@@ -209,11 +210,13 @@ _BATCH_NORM_DOC = r"""{rank} batch normalization (Ioffe and Szegedy, 2015).
     Raises
     ------
     ValueError
-        Wrong ``in_size`` rank, axes out of range, bad epsilon or momentum;
-        at call time, input whose trailing shape is not ``in_size``, or a mask
-        that does not broadcast.
+        Wrong ``in_size`` rank, axes out of range, bad epsilon, momentum out of
+        [0, 1] or an array momentum that does not broadcast to the feature
+        shape; at call time, input whose trailing shape is not ``in_size``, or
+        a mask that does not broadcast.
     TypeError
-        Floating mask.
+        An option of the wrong type (``affine='False'``, ``unit='mV'``, a
+        ``mean_type`` that is a ``ParamState``); at call time a floating mask.
 
     References
     ----------

@@ -5,7 +5,7 @@ from __future__ import annotations
 from . import _units
 from . import functional as F
 from ._base import _Normalization
-from ._validation import check_dtype, check_positive_int, check_real
+from ._validation import check_dtype, check_local_response, check_positive_int
 
 __all__ = ["LocalResponseNorm"]
 
@@ -29,10 +29,38 @@ class LocalResponseNorm(_Normalization):
     size : int
         Number of channels in the window.
     alpha, beta, k : float
-        Defaults 1e-4, 0.75, 1.0.
+        Defaults 1e-4, 0.75, 1.0. Finite and representable in the statistics
+        dtype (float32, float64 with ``jax_enable_x64``), with ``alpha >= 0``,
+        ``k >= 0`` and ``k > 0`` when ``beta > 0``, so that the base ``k +
+        alpha / n * sum`` stays positive: PyTorch accepts a negative ``alpha``
+        or ``k`` and returns nan where the base turns negative, and with ``k =
+        0`` an all-zero window (common after a ReLU) gives ``0 * 0^(-beta)``,
+        nan. The gain ``(k + alpha / n * sum)^(-beta)`` must be representable
+        in the statistics dtype for every window of inputs in [-1, 1]: with
+        ``beta > 0`` its largest value is ``k^(-beta)`` (an all-zero window),
+        which overflows for ``k < 1`` and a large ``beta`` (``k=0.5,
+        beta=200`` in float32); then the output is at most ``|x| * max(1,
+        k^(-beta))`` in magnitude, finite for any moderate input. A negative
+        ``beta`` (allowed, as in PyTorch) amplifies ``x`` by a power of its
+        window's energy, ``(k + alpha)^(-beta)`` for a window of ones, which
+        must be representable (``beta=-6e16`` is refused); the gain still
+        grows without bound with the input, so large inputs can overflow.
     feature_axis : int
         Channel axis counted within ``in_size``.
+    dtype : dtype, optional
+        Output dtype (default: the input's floating dtype).
     name : str, optional
+
+    Raises
+    ------
+    ValueError
+        ``size`` not positive, ``alpha`` or ``k`` negative, ``k == 0`` with
+        ``beta > 0``, a gain ``k^(-beta)`` or ``(k + alpha)^(-beta)`` that
+        overflows the statistics dtype, a value that is not finite or
+        overflows float32, ``in_size`` empty,
+        ``feature_axis`` out of range or naming several axes.
+    TypeError
+        An option of the wrong type (``alpha='big'``, ``size=2.0``).
 
     References
     ----------
@@ -42,17 +70,20 @@ class LocalResponseNorm(_Normalization):
     Examples
     --------
     >>> import jax.numpy as jnp, brainnorm
-    >>> lrn = brainnorm.LocalResponseNorm(2, size=1, alpha=1.0, beta=1.0, k=0.0)
-    >>> lrn(jnp.array([1.0, 2.0])).tolist()
-    [1.0, 0.5]
+    >>> lrn = brainnorm.LocalResponseNorm(2, size=1, alpha=3.0, beta=0.5, k=1.0)
+    >>> lrn(jnp.array([0.0, 1.0])).tolist()          # 1 / sqrt(1 + 3 * 1^2)
+    [0.0, 0.5]
     """
 
     def __init__(self, in_size, size, *, alpha=1e-4, beta=0.75, k=1.0, feature_axis=-1, dtype=None, name=None):
         super().__init__(in_size, name=name)
+        if not self.in_size:
+            raise ValueError(
+                f"{self._owner}: in_size must have at least one entry (the channel axis that the window "
+                f"runs along), got {in_size!r}."
+            )
         self.size = check_positive_int(self._owner, "size", size)
-        self.alpha = check_real(self._owner, "alpha", alpha)
-        self.beta = check_real(self._owner, "beta", beta)
-        self.k = check_real(self._owner, "k", k)
+        self.alpha, self.beta, self.k = check_local_response(self._owner, alpha, beta, k)
         feature = self._sample_axes("feature_axis", feature_axis)
         if len(feature) != 1:
             raise ValueError(f"{self._owner}: feature_axis must name one axis, got {feature_axis!r}.")

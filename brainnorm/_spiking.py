@@ -13,16 +13,18 @@ import math
 import numbers
 
 import brainstate
+import brainunit as u
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from . import _units
 from ._base import _affine_values, _Normalization, _resolve_init
+from ._spiking_functional import _temporal_accumulated_batch_norm
 from ._states import NormalizationParamState
 from ._temporal import _reshape_q, _set_step, _set_steps, _TemporalBatchNorm, _time_slice
-from ._validation import check_choice
-from .functional import neu_norm, temporal_accumulated_batch_norm
+from ._validation import check_choice, check_dtype, check_flag, check_initializer
+from .functional import AccumulatedSums, neu_norm
 
 __all__ = ["TemporalAccumulatedBatchNorm", "NeuNorm"]
 
@@ -91,8 +93,8 @@ class TemporalAccumulatedBatchNorm(_TemporalBatchNorm):
     accumulated : brainstate.ShortTermState
         Single-step mode: the sums of the current sequence
         (:class:`~brainnorm._spiking_functional.AccumulatedSums` fields
-        ``count``, ``shift``, ``total``, ``total_sq``, in the unit of the
-        running statistics, else of the input).
+        ``count``, ``shift``, ``total``, ``total_sq``, ``scale``, in the unit
+        of the running statistics, else of the input).
 
     References
     ----------
@@ -164,12 +166,17 @@ class TemporalAccumulatedBatchNorm(_TemporalBatchNorm):
             name=name,
         )
         dtype = brainstate.environ.dftype() if param_dtype is None else param_dtype
-        p_init = brainstate.nn.init.Constant(1.0) if p_init is None else p_init
+        p_init = (
+            brainstate.nn.init.Constant(1.0) if p_init is None else check_initializer(self._owner, "p_init", p_init)
+        )
         self.p = brainstate.ParamState(_resolve_init(self._owner, "p_init", p_init, (self.num_steps,), dtype))
         feature_shape = self._feature_shape(self.feature_axes)
         stats_dtype = jnp.promote_types(dtype, jnp.float32)
         self.accumulated = brainstate.ShortTermState(
-            {name: jnp.zeros(feature_shape, stats_dtype) for name in ("count", "shift", "total", "total_sq")}
+            {
+                name: (jnp.ones if name == "scale" else jnp.zeros)(feature_shape, stats_dtype)
+                for name in AccumulatedSums._fields
+            }
         )
 
     def update(self, x, mask=None, *, t=None, use_running_average=None):
@@ -239,11 +246,11 @@ class TemporalAccumulatedBatchNorm(_TemporalBatchNorm):
         ):
             if int(np.asarray(raw)) == 0:
                 return None
-            return tuple(self.accumulated.value[k] for k in ("count", "shift", "total", "total_sq"))
+            return AccumulatedSums(**self.accumulated.value)
         # a traced index: zero counts start a new sequence inside the core
         start = jnp.asarray(raw) == 0
         count = jnp.where(start, jnp.zeros_like(self.accumulated.value["count"]), self.accumulated.value["count"])
-        return (count,) + tuple(self.accumulated.value[k] for k in ("shift", "total", "total_sq"))
+        return AccumulatedSums(**self.accumulated.value)._replace(count=count)
 
     def _steps(self, x_q, mask, first, steps, training, accumulated, pending=None):
         """Steps ``first..first+steps-1`` (slots) of one sequence through the core.
@@ -268,10 +275,9 @@ class TemporalAccumulatedBatchNorm(_TemporalBatchNorm):
             tracked = state.get("num_batches_tracked", self.num_batches_tracked.value)
             running_mean = _reshape_q(_take(full_mean, slots), broadcast)
             running_var = _reshape_q(_take(full_var, slots), broadcast)
-            momentum = self._effective_momentum(_take(tracked, slots))
-            if jnp.ndim(momentum):
-                momentum = jnp.reshape(momentum, (steps,) + (1,) * (len(broadcast) - 1))
-        y, new_mean, new_var, sums = temporal_accumulated_batch_norm(
+            momentum = self._step_momentum(_take(tracked, slots), len(broadcast))
+        y, new_mean, new_var, sums = _temporal_accumulated_batch_norm(
+            self._owner,
             x_q,
             running_mean,
             running_var,
@@ -310,7 +316,7 @@ class TemporalAccumulatedBatchNorm(_TemporalBatchNorm):
             stored = self.accumulated.value
             self.accumulated.value = {
                 name: jnp.reshape(jnp.asarray(value), stored[name].shape).astype(stored[name].dtype)
-                for name, value in zip(("count", "shift", "total", "total_sq"), sums, strict=True)
+                for name, value in zip(AccumulatedSums._fields, sums, strict=True)
             }
 
 
@@ -366,8 +372,23 @@ class NeuNorm(_Normalization):
     ``reset_state(batch_size)`` set it to 0 (as ``brainstate.nn.init_all_states``
     and ``reset_all_states`` do). ``step_mode='single'`` takes one step
     ``(*batch, *in_size)`` per call; ``'multi'`` takes ``(T, *batch,
-    *in_size)`` and steps through it in order. Quantity input: the state holds
-    the mantissa in the input's unit.
+    *in_size)`` and steps through it in order.
+
+    Units: :math:`a` is a sum of inputs, so it has the input's unit, and the
+    output ``x - w a`` too. The state's unit is settled as for the running
+    statistics of :class:`BatchNorm1d`: given at construction (``unit=``), or
+    taken from the first input with a unit when the state is fresh (no call
+    since construction, ``init_state`` or ``reset_state``) and the call is
+    eager; from then on ``activity`` is a Quantity in that unit, which
+    ``init_state`` and ``reset_state`` keep. A later input in another unit of
+    the same dimension (V for a state in mV) is converted: the output is in the
+    input's unit, the state stays in its own. An input of another dimension
+    (nA), a plain input to a state with a unit, or an input with a unit to a
+    state of plain numbers that has seen data, raises
+    :class:`~brainnorm._units.UnitError` naming the layer and writes nothing.
+    Inside ``jit``/``for_loop`` a state cannot take a unit (brainstate refuses
+    to change its tree structure there): construct the layer with ``unit=``
+    (or call it once outside the transform).
 
     Parameters
     ----------
@@ -385,14 +406,33 @@ class NeuNorm(_Normalization):
         ``kaiming_uniform_(a=sqrt(5))``).
     step_mode : {'single', 'multi'}
     param_dtype : dtype, optional
+        Floating dtype of ``w`` and of the state.
     param_type : type
         State class of ``w`` (a ``brainstate.ParamState``).
+    unit : brainunit.Unit, optional
+        Unit of the state (of the inputs), for a layer first called inside a
+        transform; without it the first eager call with a Quantity sets it.
     name : str, optional
 
     Attributes
     ----------
     w : brainstate.ParamState
     activity : brainstate.HiddenState
+        :math:`a`, a Quantity once the state has a unit.
+    activity_unit : brainunit.Unit or None
+        The state's unit (None: plain numbers, or not settled yet).
+
+    Raises
+    ------
+    ValueError
+        ``k`` outside [0, 1], an unknown ``step_mode``, axes out of range, a
+        ``w_init`` array of another size; at call time an input whose trailing
+        shape is not ``in_size`` or a state of another batch shape.
+    TypeError
+        An option of the wrong type (``shared_across_channels='yes'``,
+        ``param_dtype=jnp.int32``, ``unit='mV'``, ``step_mode=None``).
+    UnitError
+        At call time, an input whose unit does not fit the state's.
 
     References
     ----------
@@ -401,13 +441,18 @@ class NeuNorm(_Normalization):
 
     Examples
     --------
-    >>> import jax.numpy as jnp
+    >>> import jax.numpy as jnp, brainunit as u
     >>> from brainnorm._spiking import NeuNorm
     >>> norm = NeuNorm((4, 4, 2), w_init=jnp.ones((4, 4, 2)))
     >>> norm.init_state(batch_size=3)
     >>> y = norm(jnp.ones((3, 4, 4, 2)))               # a = 0.1 / 4 * 2
     >>> round(float(y[0, 0, 0, 0]), 4), norm.activity.value.shape
     (0.95, (3, 4, 4, 1))
+    >>> currents = NeuNorm(2, w_init=jnp.ones(2))
+    >>> currents.init_state(batch_size=1)
+    >>> y = currents(jnp.ones((1, 2)) * u.nA)          # the state takes the input's unit
+    >>> y.unit == u.nA, currents.activity_unit == u.nA, round(float(y.mantissa[0, 0]), 4)
+    (True, True, 0.95)
     """
 
     def __init__(
@@ -421,16 +466,21 @@ class NeuNorm(_Normalization):
         step_mode="single",
         param_dtype=None,
         param_type=brainstate.ParamState,
+        unit=None,
         name=None,
     ):
         super().__init__(in_size, name=name)
         owner = self._owner
         self.feature_axes = self._sample_axes("feature_axis", feature_axis)
         self.k = _check_unit_interval(owner, "k", k)
-        self.shared_across_channels = bool(shared_across_channels)
+        self.shared_across_channels = check_flag(owner, "shared_across_channels", shared_across_channels)
         self.step_mode = check_choice(owner, "step_mode", step_mode, ("single", "multi"))
+        self.param_dtype = check_dtype(owner, "param_dtype", param_dtype, parameter=True)
         if not (isinstance(param_type, type) and issubclass(param_type, brainstate.ParamState)):
             raise TypeError(f"{owner}: param_type must be a brainstate.ParamState subclass, got {param_type!r}.")
+        if w_init is not None:
+            check_initializer(owner, "w_init", w_init)
+        unit = _units.check_unit(owner, unit)
         self.state_shape = tuple(1 if i in self.feature_axes else d for i, d in enumerate(self.in_size))
         w_shape = self.state_shape if self.shared_across_channels else self.in_size
         dtype = brainstate.environ.dftype() if param_dtype is None else param_dtype
@@ -438,25 +488,65 @@ class NeuNorm(_Normalization):
             bound = 1.0 / math.sqrt(math.prod(self.state_shape))
             w_init = brainstate.nn.init.Uniform(-bound, bound)
         self.w = param_type(_resolve_init(owner, "w_init", w_init, w_shape, dtype))
-        self.activity = brainstate.HiddenState(jnp.zeros(self.state_shape, dtype))
+        self.activity = brainstate.HiddenState(_units.attach(jnp.zeros(self.state_shape, dtype), unit))
+        self._fresh = True
+
+    @property
+    def activity_unit(self):
+        """The unit of the state :math:`a` (None: plain numbers, or not settled yet)."""
+        return _units.split(self.activity.value)[1]
 
     def _zeros(self, batch_size):
+        """A fresh state ``a = 0`` in the state's dtype and unit."""
         if batch_size is None:
             batch = ()
         elif isinstance(batch_size, (numbers.Integral, np.integer)) and not isinstance(batch_size, bool):
             batch = (int(batch_size),)
         else:
             batch = tuple(int(b) for b in batch_size)
-        dtype = brainstate.environ.dftype()
-        return jnp.zeros(batch + self.state_shape, dtype)
+        dtype = brainstate.environ.dftype() if self.param_dtype is None else self.param_dtype
+        self._fresh = True
+        return _units.attach(jnp.zeros(batch + self.state_shape, dtype), self.activity_unit)
 
     def init_state(self, batch_size=None, **kwargs):
-        """Create the state :math:`a = 0` for ``batch_size`` samples (None: one unbatched sample)."""
+        """Create the state :math:`a = 0` for ``batch_size`` samples (None: one unbatched sample), in its unit."""
         self.activity = brainstate.HiddenState(self._zeros(batch_size))
 
     def reset_state(self, batch_size=None, **kwargs):
-        """Set :math:`a` back to 0 (a new sequence), for ``batch_size`` samples."""
+        """Set :math:`a` back to 0 (a new sequence), for ``batch_size`` samples, in its unit."""
         self.activity.value = self._zeros(batch_size)
+
+    def _state_unit(self, x_m, unit):
+        """The unit the state has after this call: its own, or the input's where a fresh plain state adopts it.
+
+        Raises before anything is written when the input's unit does not fit.
+        """
+        stored = self.activity_unit
+        if stored is not None:
+            if unit is None:
+                raise _units.UnitError(
+                    f"{self._owner}: the state is in {stored} but the input has no unit; pass a Quantity in a "
+                    f"unit convertible to {stored}."
+                )
+            if not u.have_same_dim(unit, stored):
+                raise _units.UnitError(
+                    f"{self._owner}: input unit {unit} is not convertible to the unit {stored} of the state."
+                )
+            return stored
+        if unit is None:
+            return None
+        if not self._fresh:
+            raise _units.UnitError(
+                f"{self._owner}: input in {unit} reached a state of plain numbers that has seen data; pass input "
+                f"without a unit, or call reset_state() (or init_state()) to start a new sequence in {unit}."
+            )
+        if isinstance(x_m, jax.core.Tracer):
+            raise _units.UnitError(
+                f"{self._owner}: input in {unit} reached a layer whose state has no unit yet, inside a traced "
+                f"function (jit/vmap/grad/for_loop), where a state cannot take a unit. Construct the layer "
+                f"with unit={unit} (or call it once outside the transform)."
+            )
+        return unit
 
     def update(self, x):
         """One step ``(*batch, *in_size)`` or a sequence ``(T, *batch, *in_size)`` (multi).
@@ -469,7 +559,7 @@ class NeuNorm(_Normalization):
         Returns
         -------
         Array or Quantity
-            ``x - w * a`` of the same shape.
+            ``x - w * a`` of the same shape, in the unit of ``x``.
 
         Raises
         ------
@@ -477,6 +567,9 @@ class NeuNorm(_Normalization):
             Input whose trailing shape is not ``in_size``, no time axis in
             multi-step mode, or a state whose batch shape does not fit the
             input (call ``reset_state(batch_size)``).
+        UnitError
+            An input whose unit does not fit the state's (see the class);
+            nothing is written.
         """
         x_m, unit, _, n_batch = self._prepare_input(x, None)
         multi = self.step_mode == "multi"
@@ -487,23 +580,28 @@ class NeuNorm(_Normalization):
             )
         step_batch = x_m.shape[1 if multi else 0 : n_batch]
         expected = tuple(step_batch) + self.state_shape
-        state = self.activity.value
-        if tuple(jnp.shape(state)) != expected:
+        state_m = _units.split(self.activity.value)[0]
+        if tuple(jnp.shape(state_m)) != expected:
             raise ValueError(
-                f"{self._owner}: the state has shape {tuple(jnp.shape(state))} but the input needs "
+                f"{self._owner}: the state has shape {tuple(jnp.shape(state_m))} but the input needs "
                 f"{expected}; call reset_state(batch_size={step_batch[0] if len(step_batch) == 1 else step_batch}) "
                 f"(or init_state) first."
             )
+        state_unit = self._state_unit(x_m, unit)
         offset = x_m.ndim - len(self.in_size) - (1 if multi else 0)
         y, activity = neu_norm(
             _units.attach(x_m, unit),
             self.w.value,
-            state,
+            # a fresh plain state adopting the input's unit is 0 in any unit
+            _units.attach(state_m, state_unit),
             k=self.k,
             feature_axes=tuple(offset + a for a in self.feature_axes),
             multi_step=multi,
         )
-        self.activity.value = _units.split(activity)[0].astype(jnp.result_type(state))
+        # the state keeps its unit (its tree structure): the new value is expressed in it
+        activity_m = _units.in_unit(self._owner, "state", activity, state_unit)
+        self.activity.value = _units.attach(jnp.asarray(activity_m).astype(jnp.result_type(state_m)), state_unit)
+        self._fresh = False
         return y
 
 

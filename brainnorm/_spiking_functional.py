@@ -14,9 +14,13 @@ statistics core (:mod:`brainnorm._stats`); the layers of
     time, which is Chan, Golub and LeVeque's pairwise update applied along the
     time axis. The output is formed in the shifted domain,
     ``((x - k) - E[x - k]) / std``, so a large offset ``|mean| >> std`` costs
-    no digits. The sums of a sequence so far (:class:`AccumulatedSums`) can be
-    passed in and are returned, so that one step at a time gives what a whole
-    sequence gives.
+    no digits, and the sums keep the core's power-of-two scale, so data whose
+    squares overflow stay finite. The sums of a sequence so far
+    (:class:`AccumulatedSums`) can be passed in and are returned, so that one
+    step at a time gives what a whole sequence gives. Padding (mask False) is
+    selected out before any arithmetic, and a padded position whose output is
+    not finite (nan padding) depends on the statistics only as a constant, so
+    padding never reaches a gradient.
 
 ``neu_norm``
     NeuNorm (Wu et al., AAAI 2019): an auxiliary state driven by the
@@ -45,7 +49,12 @@ from ._stats import (
 )
 from ._validation import (
     canonical_axes,
+    check_axis_name,
+    check_broadcasts,
+    check_dtype,
     check_epsilon,
+    check_flag,
+    check_input,
     check_mask,
     check_momentum,
     check_momentum_shape,
@@ -59,7 +68,7 @@ class AccumulatedSums(NamedTuple):
     """Sums of a sequence so far, per statistic (the reduced axes kept with size 1, no time axis).
 
     Plain arrays in the unit of the statistics (the running statistics' unit,
-    else the input's).
+    else the input's), multiplied by ``scale``.
 
     Attributes
     ----------
@@ -68,15 +77,21 @@ class AccumulatedSums(NamedTuple):
     shift : Array
         The sequence's shift ``k`` (a value inside the data of its first step).
     total : Array
-        Sum of ``x - k`` over the valid elements.
+        Sum of ``(x - k) * scale`` over the valid elements.
     total_sq : Array
-        Sum of ``|x - k|^2`` over the valid elements.
+        Sum of ``|(x - k) * scale|^2`` over the valid elements.
+    scale : Array or None
+        A power of two at most 1 (the statistics core's, see
+        :class:`brainnorm._stats.Moments`), so that the sums of huge data
+        (``|x| ~ 1e19``, whose squares overflow float32) stay finite; None
+        (or absent, for sums from a 4-field tuple) means 1.
     """
 
     count: Any  # arrays (JAX or NumPy); the field may shadow tuple.count
     shift: Any
     total: Any
     total_sq: Any
+    scale: Any = None
 
 
 def _is_static(count) -> bool:
@@ -93,15 +108,17 @@ def _per_step(owner, option, value, steps, ndim):
 
 
 def _accumulated_in(owner, accumulated, stat_shape, dtype):
-    """``accumulated`` as arrays of ``stat_shape`` (one entry per statistic) in ``dtype``."""
-    if not isinstance(accumulated, tuple) or len(accumulated) != 4:
+    """``accumulated`` as arrays of ``stat_shape`` (one entry per statistic) in ``dtype``; scale 1 if absent."""
+    if not isinstance(accumulated, tuple) or len(accumulated) not in (4, 5):
         raise TypeError(
-            f"{owner}: accumulated must be an AccumulatedSums (count, shift, total, total_sq), got "
+            f"{owner}: accumulated must be an AccumulatedSums (count, shift, total, total_sq[, scale]), got "
             f"{type(accumulated).__name__}."
         )
     size = int(np.prod(stat_shape))
     values = []
-    for name, value in zip(AccumulatedSums._fields, accumulated, strict=True):
+    for name, value in zip(AccumulatedSums._fields, tuple(accumulated) + (None,) * (5 - len(accumulated)), strict=True):
+        if value is None and name == "scale":
+            value = jnp.ones(stat_shape, dtype)
         value = jnp.asarray(_units.split(value)[0])
         if value.size != size:
             raise ValueError(
@@ -120,6 +137,12 @@ def _accumulate(step_moments: Moments, accumulated):
     time axis (axis 0). ``accumulated`` holds the sums of earlier steps of the
     same sequence (None: the sequence starts here). Where nothing has been
     seen yet, ``k`` is this call's first step's shift.
+
+    The moments of the core carry a power-of-two ``scale`` per step (they are
+    those of ``(x - shift) * scale``): every step and the earlier sums are
+    brought to the smallest scale (an exact multiplication) before they are
+    added, so the sums of data whose squares overflow (``|x| ~ 1e19`` in
+    float32) stay finite; the returned moments carry that scale.
     """
     var = step_moments.var
     real = var.dtype
@@ -138,21 +161,37 @@ def _accumulate(step_moments: Moments, accumulated):
         seen = accumulated.count[None] > 0
         shift = jnp.where(seen, accumulated.shift[None].astype(first_shift.dtype), first_shift)
     shift = jax.lax.stop_gradient(shift)
-    # offset of each step's mean from k: (own shift - k) + (mean - own shift), small for steady data
-    if step_moments.shift is None:
-        offset = step_moments.delta - shift
+    # the common scale: the smallest of the steps' and of the earlier sums' (powers of two, ratios exact)
+    step_scale = step_moments.scale
+    scale = None
+    if step_scale is not None or accumulated is not None:
+        step_scale = jnp.ones_like(var) if step_scale is None else jnp.broadcast_to(step_scale, var.shape)
+        scale = jnp.min(step_scale, axis=0, keepdims=True)
+        if accumulated is not None:
+            scale = jnp.minimum(scale, jnp.where(seen, accumulated.scale[None].astype(real), 1))
+        scale = jax.lax.stop_gradient(scale)
+        ratio = jax.lax.stop_gradient(scale / step_scale)
+    # offset of each step's mean from k: (own shift - k) + (mean - own shift), small for steady data;
+    # delta and var are those of the step's scaled values
+    own_shift = jnp.zeros_like(shift) if step_moments.shift is None else step_moments.shift
+    if scale is None:
+        offset = (own_shift - shift) + step_moments.delta
+        step_var = var
     else:
-        offset = (step_moments.shift - shift) + step_moments.delta
+        offset = (own_shift - shift) * scale + step_moments.delta * ratio
+        step_var = var * jnp.square(ratio)
     total = jnp.cumsum(step_count * offset, axis=0)
-    total_sq = jnp.cumsum(step_count * (var + abs_sq(offset)), axis=0)
+    total_sq = jnp.cumsum(step_count * (step_var + abs_sq(offset)), axis=0)
     if _is_static(step_count) and accumulated is None:
         count = np.cumsum(step_count, axis=0).astype(np.dtype(real))
     else:
         count = jnp.cumsum(jnp.asarray(step_count, real), axis=0)
     if accumulated is not None:
+        assert scale is not None  # set above whenever there are earlier sums
         # entries that have seen nothing start anew, whatever their sums hold
-        total = total + jnp.where(seen, accumulated.total[None], 0).astype(total.dtype)
-        total_sq = total_sq + jnp.where(seen, accumulated.total_sq[None], 0).astype(real)
+        earlier = jax.lax.stop_gradient(scale / jnp.where(seen, accumulated.scale[None].astype(real), 1))
+        total = total + jnp.where(seen, accumulated.total[None] * earlier, 0).astype(total.dtype)
+        total_sq = total_sq + jnp.where(seen, accumulated.total_sq[None] * jnp.square(earlier), 0).astype(real)
         count = count + jnp.where(seen, accumulated.count[None], 0).astype(real)
     n = np.maximum(count, 1) if _is_static(count) else jnp.maximum(count, 1)
     delta = total / n
@@ -162,9 +201,45 @@ def _accumulate(step_moments: Moments, accumulated):
         shift=jnp.broadcast_to(shift[0], var.shape[1:]),
         total=jnp.broadcast_to(total[-1], var.shape[1:]),
         total_sq=jnp.broadcast_to(total_sq[-1], var.shape[1:]),
+        scale=jnp.ones(var.shape[1:], real) if scale is None else jnp.broadcast_to(scale[0], var.shape[1:]),
     )
-    moments = Moments(shift=shift, delta=delta, var=cumulative_var, count=count)
+    moments = Moments(shift=shift, delta=delta, var=cumulative_var, count=count, scale=scale)
     return moments, last
+
+
+def _apply_with_padding(x, stats: Moments, mask, *, epsilon, scale, bias, out_dtype):
+    """:func:`apply_moments`, where a padded position with a non-finite output does not depend on the statistics.
+
+    Padding may hold anything (data loaders pad with nan). Its output is
+    still ``x`` transformed with its group's statistics, but where that output
+    is not finite the statistics and the parameters enter it only as constants:
+    a zero cotangent there (a loss that reads valid outputs only) would
+    otherwise reach them as ``0 * nan``. The two forms are selected, never
+    multiplied by a 0/1 mask, and a select transposes to a select. Valid and
+    finite padded positions keep the exact derivative.
+    """
+    if mask is None:
+        return apply_moments(x, stats, epsilon=epsilon, scale=scale, bias=bias, out_dtype=out_dtype)
+    frozen = stats._replace(
+        **{
+            name: jax.lax.stop_gradient(getattr(stats, name))
+            for name in ("shift", "delta", "var", "scale")
+            if getattr(stats, name) is not None
+        }
+    )
+    constant = None if scale is None else jax.lax.stop_gradient(scale)
+    offset = None if bias is None else jax.lax.stop_gradient(bias)
+    alone = apply_moments(x, frozen, epsilon=epsilon, scale=constant, bias=offset, out_dtype=out_dtype)
+    dropped = jax.lax.stop_gradient(~mask & ~jnp.isfinite(alone))
+    live = apply_moments(
+        jnp.where(dropped, jnp.zeros((), x.dtype), x),
+        stats,
+        epsilon=epsilon,
+        scale=scale,
+        bias=bias,
+        out_dtype=out_dtype,
+    )
+    return jnp.where(dropped, alone, live)
 
 
 def temporal_accumulated_batch_norm(
@@ -275,11 +350,58 @@ def temporal_accumulated_batch_norm(
     >>> y[0].ravel().tolist(), [round(v, 4) for v in y[1].ravel().tolist()]
     ([-1.0, 1.0], [0.4472, 1.3416])
     """
-    owner = "temporal_accumulated_batch_norm"
+    return _temporal_accumulated_batch_norm(
+        "temporal_accumulated_batch_norm",
+        x,
+        running_mean,
+        running_var,
+        scale,
+        bias,
+        p,
+        training=training,
+        feature_axes=feature_axes,
+        momentum=momentum,
+        epsilon=epsilon,
+        mask=mask,
+        unbiased_running_var=unbiased_running_var,
+        accumulated=accumulated,
+        return_accumulated=return_accumulated,
+        axis_name=axis_name,
+        axis_index_groups=axis_index_groups,
+        use_fast_variance=use_fast_variance,
+        dtype=dtype,
+    )
+
+
+def _temporal_accumulated_batch_norm(
+    owner: str,
+    x,
+    running_mean,
+    running_var,
+    scale,
+    bias,
+    p,
+    *,
+    training,
+    feature_axes,
+    momentum,
+    epsilon,
+    mask,
+    unbiased_running_var,
+    accumulated,
+    return_accumulated,
+    axis_name,
+    axis_index_groups,
+    use_fast_variance,
+    dtype,
+):
+    """:func:`temporal_accumulated_batch_norm`, its errors naming ``owner`` (a layer passes its class name)."""
     check_epsilon(owner, epsilon)
     momentum = check_momentum(owner, momentum, allow_none=False)
+    axis_name, axis_index_groups = check_axis_name(owner, axis_name, axis_index_groups)
+    dtype = check_dtype(owner, "dtype", dtype)
     x_m, unit = _units.split(x)
-    x_m = jnp.asarray(x_m)
+    x_m = check_input(owner, x_m)
     if x_m.ndim < 1:
         raise ValueError(f"{owner}: x must have a leading time axis (T, ...), got shape {x_m.shape}.")
     mask = check_mask(owner, mask, x_m.shape)
@@ -296,6 +418,12 @@ def temporal_accumulated_batch_norm(
     weight = None if p is None else jnp.square(_per_step(owner, "p", p, steps, x_m.ndim))
     eps = _units.epsilon_value(owner, epsilon, stats_unit)
     scale_m, bias_m, out_unit = _units.affine_units(owner, scale, bias)
+    if scale_m is not None:
+        check_broadcasts(owner, "scale", scale_m, x_m.shape)
+        scale_m = check_input(owner, scale_m, "scale")
+    if bias_m is not None:
+        check_broadcasts(owner, "bias", bias_m, x_m.shape)
+        bias_m = check_input(owner, bias_m, "bias")
     if weight is not None:
         # p_t^2 (gamma_t x_hat + beta_t) = x_hat (p_t^2 gamma_t) + p_t^2 beta_t
         scale_m = weight if scale_m is None else weight * scale_m
@@ -308,24 +436,27 @@ def temporal_accumulated_batch_norm(
 
     if mean is not None and not training:
         stats = given_moments(mean, var, sdtype)
-        y = apply_moments(x_m, stats, epsilon=eps, scale=scale_m, bias=bias_m, out_dtype=out_dtype)
+        y = _apply_with_padding(x_m, stats, mask, epsilon=eps, scale=scale_m, bias=bias_m, out_dtype=out_dtype)
         new_mean, new_var, last = mean, var, accumulated
     else:
         groups = None if axis_index_groups is None else tuple(tuple(int(i) for i in g) for g in axis_index_groups)
         step_moments = compute_moments(
-            x_m,
+            # padding is selected out before any arithmetic, so that even its derivative never sees it
+            x_m if mask is None else jnp.where(mask, x_m, jnp.zeros((), x_m.dtype)),
             axes,
             mask=mask,
             use_fast_variance=bool(use_fast_variance),
             axis_name=axis_name,
             axis_index_groups=groups,
+            scaled=True,
         )
         stats, last = _accumulate(step_moments, accumulated)
-        y = apply_moments(x_m, stats, epsilon=eps, scale=scale_m, bias=bias_m, out_dtype=out_dtype)
+        y = _apply_with_padding(x_m, stats, mask, epsilon=eps, scale=scale_m, bias=bias_m, out_dtype=out_dtype)
         new_mean = new_var = None
         if mean is not None:
+            batch = stats.unscaled()
             new_mean, new_var = running_update(
-                mean, var, stats.mean, stats.var, stats.count, momentum, unbiased_var=unbiased_running_var
+                mean, var, batch.mean, batch.var, batch.count, momentum, unbiased_var=unbiased_running_var
             )
     result: tuple = (_units.attach(y, out_unit),)
     if new_mean is None:
@@ -367,7 +498,7 @@ def neu_norm(x, weight, state=None, *, k=0.9, feature_axes=-1, multi_step=False)
         Input spikes ``s_t``: one step ``(...)`` or, with ``multi_step``, a
         sequence ``(T, ...)``.
     weight : array_like
-        ``w``, broadcastable to one step of ``x``.
+        ``w``, broadcastable to one step of ``x`` without enlarging it.
     state : array_like or Quantity, optional
         ``a_{t-1}``: one step of ``x`` with 1 at the feature axes (in the unit
         of ``x``); None starts from 0.
@@ -382,6 +513,20 @@ def neu_norm(x, weight, state=None, *, k=0.9, feature_axes=-1, multi_step=False)
     -------
     y, new_state
         ``y`` like ``x``; ``new_state`` is ``a`` after the last step.
+
+    Raises
+    ------
+    ValueError
+        ``k`` outside [0, 1], ``x`` without a channel axis, ``feature_axes``
+        out of range, ``weight`` that does not broadcast to one step of ``x``,
+        ``state`` that does not broadcast to one step with 1 at the feature
+        axes.
+    TypeError
+        Non-numeric ``x``, ``weight`` or ``state``, a ``multi_step`` that is
+        not a bool.
+    UnitError
+        ``weight`` with a unit, ``state`` in a unit not convertible to that of
+        ``x``.
 
     References
     ----------
@@ -398,8 +543,9 @@ def neu_norm(x, weight, state=None, *, k=0.9, feature_axes=-1, multi_step=False)
     """
     owner = "neu_norm"
     k = _check_decay(owner, k)
+    multi_step = check_flag(owner, "multi_step", multi_step)
     x_m, unit = _units.split(x)
-    x_m = jnp.asarray(x_m)
+    x_m = check_input(owner, x_m)
     step_ndim = x_m.ndim - (1 if multi_step else 0)
     if step_ndim < 1:
         raise ValueError(
@@ -411,15 +557,24 @@ def neu_norm(x, weight, state=None, *, k=0.9, feature_axes=-1, multi_step=False)
     channels = int(np.prod([x_m.shape[a] for a in reduce_axes]))
     if not jnp.issubdtype(x_m.dtype, jnp.floating):
         x_m = x_m.astype(output_dtype(x_m.dtype))
-    weight_m = jnp.asarray(_units.in_unit(owner, "weight", weight, None))
+    weight_m = check_input(owner, _units.in_unit(owner, "weight", weight, None), "weight")
+    one_step = tuple(x_m.shape[offset:])
+    try:
+        fits = np.broadcast_shapes(weight_m.shape, one_step) == one_step
+    except ValueError:
+        fits = False
+    if not fits:
+        raise ValueError(
+            f"{owner}: weight must be an array that broadcasts to one step of x, shape {one_step}, got shape "
+            f"{weight_m.shape}."
+        )
     # the channel sum of every step at once; the recursion over time is then on small arrays
     drive = Reduction(reduce_axes).total(x_m) * ((1.0 - k) / channels**2)
     step_shape = drive.shape[offset:]
     if state is None:
         previous = jnp.zeros(step_shape, drive.dtype)
     else:
-        previous = _units.in_unit(owner, "state", state, unit)
-        previous = jnp.asarray(previous)
+        previous = check_input(owner, _units.in_unit(owner, "state", state, unit), "state")
         try:
             np.broadcast_shapes(previous.shape, step_shape)
         except ValueError:

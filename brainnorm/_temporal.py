@@ -30,7 +30,7 @@ import numpy as np
 from . import _units
 from ._base import _affine_values, _Normalization, _RunningStatistics
 from ._states import NormalizationParamState
-from ._validation import check_choice, check_positive_int, check_real, check_time_index
+from ._validation import check_choice, check_positive_int, check_real, check_representable, check_time_index
 
 __all__ = ["BatchNormThroughTime", "ThresholdDependentBatchNorm", "TemporalEffectiveBatchNorm"]
 
@@ -124,6 +124,19 @@ class _TemporalBatchNorm(_RunningStatistics, _Normalization):
         training = self._is_training(use_running_average)
         stats_unit = self._stats_unit(x_m, unit) if self.track_running_stats else unit
         return training, stats_unit
+
+    def _step_momentum(self, batches_tracked, rank):
+        """Momentum for per-step statistics of rank ``rank``, ``(steps, ..., *feature_shape)``.
+
+        The layer's own momentum (a number, or one value per channel, which
+        broadcasts from the right) as given; ``momentum=None``: the cumulative
+        average's ``1 - 1 / (n + 1)``, one value per step from the step's
+        counter ``batches_tracked``.
+        """
+        if self.momentum is not None:
+            return self.momentum
+        momentum = self._effective_momentum(batches_tracked)
+        return jnp.reshape(momentum, (-1,) + (1,) * (rank - 1))
 
     def _normalize(self, x_m, unit, mask, axes, training, scale, bias, running=None, momentum=None):
         """Batch-normalize ``x_m`` over ``axes``; ``running`` = (mean, var) to use and update."""
@@ -313,8 +326,7 @@ class BatchNormThroughTime(_TemporalBatchNorm):
                 _reshape_q(self.running_mean.value[:steps], broadcast),
                 _reshape_q(self.running_var.value[:steps], broadcast),
             )
-            momentum = self._effective_momentum(self.num_batches_tracked.value[:steps])
-            momentum = jnp.reshape(momentum, (steps,) + (1,) * (len(broadcast) - 1)) if jnp.ndim(momentum) else momentum
+            momentum = self._step_momentum(self.num_batches_tracked.value[:steps], len(broadcast))
         y, new_mean, new_var = self._normalize(x_m, unit, mask, axes, training, scale, bias, running, momentum)
         if running is not None and training:
             shape = self.running_mean.value.shape[1:]
@@ -348,6 +360,10 @@ class ThresholdDependentBatchNorm(_TemporalBatchNorm):
         Scale factor (the paper uses 1, or 1/sqrt(2) before residual additions).
     v_th : float
         Firing threshold of the following neurons.
+
+        ``alpha``, ``v_th`` and ``alpha * v_th`` must be finite and
+        representable in ``param_dtype`` (float32 by default): a larger value
+        would turn the scale, and the output, into ``inf``.
     step_mode : {'single', 'multi'}
         As for :class:`BatchNormThroughTime` (no time index is needed).
     **options
@@ -424,8 +440,12 @@ class ThresholdDependentBatchNorm(_TemporalBatchNorm):
             unit=unit,
             name=name,
         )
-        self.alpha = check_real(self._owner, "alpha", alpha)
-        self.v_th = check_real(self._owner, "v_th", v_th)
+        owner = self._owner
+        # alpha * v_th multiplies the scale in the parameters' dtype: each and their product must fit it
+        dtype = brainstate.environ.dftype() if self.param_dtype is None else self.param_dtype
+        self.alpha = check_real(owner, "alpha", alpha, dtype=dtype)
+        self.v_th = check_real(owner, "v_th", v_th, dtype=dtype)
+        check_representable(owner, "alpha * v_th", self.alpha * self.v_th, dtype)
 
     def _shared_statistics(self, x, mask, use_running_average, step_weight=None):
         """tdBN normalization ``w * (alpha * v_th * gamma * x_hat + beta)`` over every non-feature axis.
@@ -484,9 +504,13 @@ class TemporalEffectiveBatchNorm(ThresholdDependentBatchNorm):
     num_steps : int
         Length of ``p``; later steps reuse ``p`` of the last step.
     feature_axis : int or sequence of int
-    **options
-        Every keyword of :class:`ThresholdDependentBatchNorm` but ``alpha``
-        and ``v_th`` (TEBN has ``alpha = v_th = 1``).
+    epsilon, momentum, use_scale, use_bias, scale_init, bias_init : optional
+    track_running_stats, unbiased_running_var, use_running_average : optional
+    axis_name, axis_index_groups, use_fast_variance, step_mode : optional
+    dtype, param_dtype, param_type, mean_type, unit, name : optional
+        As for :class:`ThresholdDependentBatchNorm`, validated when the layer
+        is built (messages name ``TemporalEffectiveBatchNorm``). TEBN has no
+        ``alpha`` or ``v_th`` (``alpha = v_th = 1``).
 
     Attributes
     ----------
@@ -506,12 +530,58 @@ class TemporalEffectiveBatchNorm(ThresholdDependentBatchNorm):
     [1.0, 1.0, 1.0, 1.0]
     """
 
-    def __init__(self, in_size, num_steps, feature_axis=-1, **kwargs):
-        for fixed in ("alpha", "v_th"):
-            if fixed in kwargs:
-                raise TypeError(f"TemporalEffectiveBatchNorm: unexpected keyword {fixed!r} (TEBN has none).")
-        super().__init__(in_size, feature_axis, **kwargs)
-        self.num_steps = check_positive_int(self._owner, "num_steps", num_steps)
+    def __init__(
+        self,
+        in_size,
+        num_steps,
+        feature_axis=-1,
+        *,
+        epsilon=1e-5,
+        momentum=0.99,
+        use_scale=True,
+        use_bias=True,
+        scale_init=None,
+        bias_init=None,
+        track_running_stats=True,
+        unbiased_running_var=False,
+        use_running_average=None,
+        axis_name=None,
+        axis_index_groups=None,
+        use_fast_variance=False,
+        step_mode="single",
+        dtype=None,
+        param_dtype=None,
+        param_type=NormalizationParamState,
+        mean_type=brainstate.ShortTermState,
+        unit=None,
+        name=None,
+    ):
+        # explicit keywords (no **kwargs): an unknown or misspelt option fails with this class's name
+        num_steps = check_positive_int(type(self).__name__, "num_steps", num_steps)
+        super().__init__(
+            in_size,
+            feature_axis,
+            epsilon=epsilon,
+            momentum=momentum,
+            use_scale=use_scale,
+            use_bias=use_bias,
+            scale_init=scale_init,
+            bias_init=bias_init,
+            track_running_stats=track_running_stats,
+            unbiased_running_var=unbiased_running_var,
+            use_running_average=use_running_average,
+            axis_name=axis_name,
+            axis_index_groups=axis_index_groups,
+            use_fast_variance=use_fast_variance,
+            step_mode=step_mode,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            param_type=param_type,
+            mean_type=mean_type,
+            unit=unit,
+            name=name,
+        )
+        self.num_steps = num_steps
         dtype = brainstate.environ.dftype() if self.param_dtype is None else self.param_dtype
         self.p = brainstate.ParamState(jnp.ones((self.num_steps,), dtype))
 

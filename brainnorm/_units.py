@@ -19,6 +19,13 @@ class UnitError(u.UnitMismatchError, TypeError, ValueError):
     ``TypeError`` or ``ValueError`` too."""
 
 
+def check_unit(owner: str, unit):
+    """A declared unit: None or a brainunit ``Unit``; a dimensionless unit is read as None."""
+    if unit is not None and not isinstance(unit, u.Unit):
+        raise TypeError(f"{owner}: unit must be a brainunit Unit (e.g. brainunit.mV), got {unit!r}.")
+    return None if unit is None or unit.is_unitless else unit
+
+
 def split(value):
     """``(mantissa, unit)``; unit is None for plain arrays and unitless Quantities."""
     if isinstance(value, u.Quantity):

@@ -98,7 +98,8 @@ def check_momentum(owner: str, momentum, *, allow_none: bool = True):
         raise TypeError(f"{owner}: momentum must be a number in [0, 1], got None.")
     expected = "a number in [0, 1]" + (" or None" if allow_none else "") + " (or an array of such numbers)"
     try:
-        if isinstance(momentum, (str, bytes, bool)):
+        # a dtype class (jnp.int32) or a dtype is a kind of number, not a number
+        if isinstance(momentum, (str, bytes, bool, type, np.dtype)):
             raise TypeError
         kind = jnp.result_type(momentum).kind
         if kind not in "iuf":
@@ -107,7 +108,10 @@ def check_momentum(owner: str, momentum, *, allow_none: bool = True):
         raise TypeError(f"{owner}: momentum must be {expected}, got {type(momentum).__name__} {momentum!r}.") from None
     if isinstance(momentum, jax.core.Tracer):
         return momentum
-    values = np.asarray(momentum, np.float64)
+    try:
+        values = np.asarray(momentum, np.float64)
+    except (TypeError, ValueError):
+        raise TypeError(f"{owner}: momentum must be {expected}, got {type(momentum).__name__} {momentum!r}.") from None
     if not np.all((values >= 0.0) & (values <= 1.0)):
         raise ValueError(f"{owner}: momentum must be in [0, 1] or None, got {momentum!r}.")
     if values.ndim == 0 and not isinstance(momentum, jax.Array):
@@ -115,8 +119,8 @@ def check_momentum(owner: str, momentum, *, allow_none: bool = True):
     return jnp.asarray(momentum, jnp.result_type(float))
 
 
-def check_momentum_shape(owner: str, momentum, stat_shape) -> None:
-    """An array momentum must broadcast to the running statistics without changing their shape."""
+def check_momentum_shape(owner: str, momentum, stat_shape, target: str = "the running statistics' shape") -> None:
+    """An array momentum must broadcast to ``stat_shape`` (described by ``target``) without changing it."""
     shape = tuple(np.shape(momentum))
     try:
         fits = np.broadcast_shapes(shape, tuple(stat_shape)) == tuple(stat_shape)
@@ -124,8 +128,8 @@ def check_momentum_shape(owner: str, momentum, stat_shape) -> None:
         fits = False
     if not fits:
         raise ValueError(
-            f"{owner}: momentum must be a number or an array that broadcasts to the running statistics' "
-            f"shape {tuple(stat_shape)}, got shape {shape}."
+            f"{owner}: momentum must be a number or an array that broadcasts to {target} "
+            f"{tuple(stat_shape)}, got shape {shape}."
         )
 
 
@@ -219,9 +223,23 @@ def check_mask(owner: str, mask, shape: Sequence[int]):
 
 
 def check_choice(owner: str, option: str, value, choices):
+    """One of ``choices`` (strings): another type is a ``TypeError``, another string a ``ValueError``.
+
+    The type is checked first, so an array is refused without asking for its
+    truth value (``array in choices`` is ambiguous).
+    """
+    if not isinstance(value, str):
+        raise TypeError(f"{owner}: {option} must be one of {choices!r}, got {type(value).__name__} {value!r:.80}.")
     if value not in choices:
         raise ValueError(f"{owner}: {option} must be one of {choices!r}, got {value!r}.")
     return value
+
+
+def check_name(owner: str, name):
+    """A module name: None or a string (brainstate asserts this with a bare ``AssertionError``)."""
+    if name is not None and not isinstance(name, str):
+        raise TypeError(f"{owner}: name must be a str or None, got {type(name).__name__} {name!r:.80}.")
+    return name
 
 
 def smallest_epsilon(dtype=None) -> float:
@@ -250,8 +268,15 @@ def check_epsilon_range(owner: str, epsilon, dtype, option: str = "epsilon") -> 
         )
 
 
-def check_real(owner: str, option: str, value, *, positive: bool = False, nonnegative: bool = False) -> float:
-    """A finite real number (Python or NumPy scalar, or a 0-d array); returned as a float."""
+def check_real(
+    owner: str, option: str, value, *, positive: bool = False, nonnegative: bool = False, dtype=None
+) -> float:
+    """A finite real number (Python or NumPy scalar, or a 0-d array); returned as a float.
+
+    With ``dtype`` the number must also stay finite when cast to it (1e300 is
+    finite in Python but ``inf`` in float32, where it would turn outputs into
+    ``inf`` or ``nan``).
+    """
     expected = "a finite real number"
     if positive:
         expected = "a positive finite real number"
@@ -268,7 +293,83 @@ def check_real(owner: str, option: str, value, *, positive: bool = False, nonneg
     number = float(array)
     if not math.isfinite(number) or (positive and number <= 0) or (nonnegative and number < 0):
         raise ValueError(f"{owner}: {option} must be {expected}, got {value!r}.")
+    if dtype is not None:
+        check_representable(owner, option, number, dtype)
     return number
+
+
+def check_representable(owner: str, option: str, number: float, dtype) -> None:
+    """``number`` must not overflow when cast to the floating ``dtype``."""
+    real = jnp.zeros((), dtype).real.dtype
+    with np.errstate(over="ignore"):
+        finite = bool(np.isfinite(np.asarray(number, real)))
+    if not finite:
+        largest = float(jnp.finfo(real).max)
+        raise ValueError(
+            f"{owner}: {option} must be representable in {jnp.dtype(real).name} (magnitude at most "
+            f"{largest:.8g}), got {number!r}."
+        )
+
+
+def widest_statistics_dtype():
+    """float64 when ``jax_enable_x64`` is on, else float32: the widest dtype statistics are computed in."""
+    return jnp.float64 if jax.config.read("jax_enable_x64") else jnp.float32
+
+
+def check_local_response(owner: str, alpha, beta, k, dtype=None) -> tuple[float, float, float]:
+    """``(alpha, beta, k)`` of local response normalization, ``x * (k + alpha / n * sum x^2)^(-beta)``.
+
+    The base ``k + alpha / n * sum`` must stay positive wherever ``beta > 0``
+    (else ``(negative)^(-beta)`` is nan and ``0^(-beta)`` is inf, times a zero
+    input nan): ``alpha >= 0`` and ``k >= 0``, and ``k > 0`` unless ``beta ==
+    0`` (an all-zero window, common after a ReLU, has a zero base when
+    ``k == 0``). The gain ``(k + alpha / n * sum)^(-beta)`` must be
+    representable in ``dtype`` for every window of inputs in [-1, 1]: at its
+    largest ``k^(-beta)`` (an all-zero window) when ``beta > 0``, which
+    overflows for ``k < 1`` with a large beta, and ``(k + alpha)^(-beta)`` (a
+    window of ones) when ``beta < 0``, which amplifies ``x`` by a growing
+    power of its window's energy. PyTorch accepts all of these values and
+    returns nan or inf. ``dtype`` is the statistics dtype the values must fit
+    in (default: the widest in use).
+    """
+    dtype = widest_statistics_dtype() if dtype is None else dtype
+    alpha = check_real(owner, "alpha", alpha, dtype=dtype)
+    beta = check_real(owner, "beta", beta, dtype=dtype)
+    k = check_real(owner, "k", k, dtype=dtype)
+    if alpha < 0:
+        raise ValueError(
+            f"{owner}: alpha must be a non-negative finite real number (a negative alpha makes the base "
+            f"k + alpha / size * sum(x^2) negative for large inputs, and its power nan), got {alpha!r}."
+        )
+    if k < 0:
+        raise ValueError(
+            f"{owner}: k must be a non-negative finite real number (a negative k makes the base "
+            f"k + alpha / size * sum(x^2) negative for small inputs, and its power nan), got {k!r}."
+        )
+    real = jnp.zeros((), dtype).real.dtype
+    # a k that rounds to 0 in the statistics dtype is 0 there
+    if beta > 0 and float(np.asarray(k, real)) == 0:
+        raise ValueError(
+            f"{owner}: k must be positive (and not round to 0 in {jnp.dtype(real).name}) when beta > 0 (with "
+            f"k = 0 an all-zero window has base 0, and 0 * 0^(-beta) is nan), got k={k!r} with beta={beta!r}."
+        )
+    # the gain (k + alpha / n * sum(x^2))^(-beta) must be finite for every window of inputs in [-1, 1]
+    # (sum(x^2) / n in [0, 1]): at its largest, k^(-beta) for beta > 0 (an all-zero window) and
+    # (k + alpha)^(-beta) for beta < 0 (a window of ones); a larger gain overflows to inf
+    log_max = math.log(float(jnp.finfo(real).max))
+    if 0 < k < 1 and beta > 0 and beta * math.log(1.0 / k) >= log_max:
+        raise ValueError(
+            f"{owner}: beta must be small enough that the largest gain k^(-beta) is representable in "
+            f"{jnp.dtype(real).name} (k < 1 raised to a large -beta overflows to inf), got beta={beta!r} "
+            f"with k={k!r}."
+        )
+    if beta < 0 and k + alpha > 1 and -beta * math.log(k + alpha) >= log_max:
+        raise ValueError(
+            f"{owner}: beta must be small enough in magnitude that the gain (k + alpha)^(-beta) of a window of "
+            f"ones is representable in {jnp.dtype(real).name} (a negative beta amplifies x by a power of its "
+            f"window's energy), got beta={beta!r} with k={k!r}, alpha={alpha!r}."
+        )
+    return alpha, beta, k
 
 
 def check_flag(owner: str, option: str, value, *, allow_none: bool = False) -> bool | None:
@@ -317,9 +418,11 @@ def check_axis_name(owner: str, axis_name, axis_index_groups):
                 raise TypeError(
                     f"{owner}: axis_name must be a hashable name (e.g. 'batch') or a tuple of names, got {axis_name!r}."
                 ) from None
-            if name is None or isinstance(name, (bool, float, complex)):
+            # an int (or bool) is refused: JAX reads an int axis as a positional axis, not a mapped name
+            if name is None or isinstance(name, (bool, np.bool_, numbers.Number, np.generic)):
                 raise TypeError(
-                    f"{owner}: axis_name must be a hashable name (e.g. 'batch') or a tuple of names, got {axis_name!r}."
+                    f"{owner}: axis_name must be a hashable name (e.g. 'batch') or a tuple of names, got "
+                    f"{type(axis_name).__name__} {axis_name!r}."
                 )
         if not names:
             raise ValueError(f"{owner}: axis_name must name at least one axis, got {axis_name!r}.")
