@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import brainstate
 import brainunit as u
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -196,6 +197,31 @@ def _multiply_units(first, second):
     return first * second
 
 
+def _check_threshold(owner, v_th, dtype):
+    """``v_th`` (a mantissa) as an array of finite real numbers in ``dtype``.
+
+    A NaN threshold would make every comparison false, and one beyond the
+    dtype's range would round to inf: refused here rather than folded into a
+    threshold that silently never (or always) fires.
+    """
+    expected = "a finite real number or array (in the unit of the norm's scale and bias)"
+    if isinstance(v_th, (bool, np.bool_, str, bytes)) or v_th is None:
+        raise TypeError(f"{owner}: v_th must be {expected}, got {type(v_th).__name__} {v_th!r:.80}.")
+    if isinstance(v_th, jax.core.Tracer):
+        return v_th.astype(dtype)  # traced: its values are not known here
+    try:
+        values = np.asarray(v_th)
+    except (TypeError, ValueError):  # ragged nesting
+        values = np.asarray(None)
+    if values.dtype.kind not in "iuf":
+        raise TypeError(f"{owner}: v_th must be {expected}, got {type(v_th).__name__} {v_th!r:.80}.")
+    with np.errstate(over="ignore"):
+        cast = values.astype(dtype)
+    if not np.all(np.isfinite(cast)):
+        raise ValueError(f"{owner}: v_th must be {expected} within {np.dtype(dtype).name}'s range, got {v_th!r:.80}.")
+    return jnp.asarray(cast)
+
+
 def fold_threshold(norm, v_th):
     r"""Per-channel thresholds that fold a membrane-potential normalization (MPBN) away.
 
@@ -236,7 +262,9 @@ def fold_threshold(norm, v_th):
     Raises
     ------
     TypeError, ValueError
-        As for :func:`fold_batch_norm`; a ``v_th`` in a unit that does not fit.
+        As for :func:`fold_batch_norm`; a ``v_th`` in a unit that does not
+        fit, or that is not a finite real number or array (NaN, beyond the
+        running statistics' dtype, a string, None).
 
     References
     ----------
@@ -256,7 +284,7 @@ def fold_threshold(norm, v_th):
     """
     owner = "fold_threshold"
     mean, std, g, beta, stats_unit, out_unit = _norm_affine(owner, norm)
-    v_th_m = jnp.asarray(_units.in_unit(owner, "v_th", v_th, out_unit))
+    v_th_m = _check_threshold(owner, _units.in_unit(owner, "v_th", v_th, out_unit), std.dtype)
     try:
         np.broadcast_shapes(v_th_m.shape, mean.shape)
     except ValueError:

@@ -22,9 +22,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import _stats
+from . import _units
+from . import functional as F
 from ._base import _RunningStatistics
-from ._validation import canonical_axes, check_epsilon, check_flag, check_positive_int
+from ._validation import canonical_axes, check_epsilon, check_flag, check_name, check_positive_int
 
 __all__ = ["WeightNorm", "SpectralNorm"]
 
@@ -38,6 +39,11 @@ def _find_weight(owner, layer, weight_name):
     """
     if not isinstance(layer, brainstate.nn.Module):
         raise TypeError(f"{owner}: layer must be a brainstate.nn.Module, got {type(layer).__name__}.")
+    if not isinstance(weight_name, str):
+        raise TypeError(
+            f"{owner}: weight_name must be a str (an entry of layer.weight.value or a ParamState attribute of "
+            f"the layer), got {type(weight_name).__name__} {weight_name!r:.80}."
+        )
     for attr in ("weight", weight_name):
         state = getattr(layer, attr, None)
         if isinstance(state, brainstate.ParamState):
@@ -47,16 +53,22 @@ def _find_weight(owner, layer, weight_name):
             if attr == weight_name and not isinstance(value, dict):
                 return attr, None
     raise ValueError(
-        f"{owner}: layer {type(layer).__name__} has no ParamState holding {weight_name!r} "
-        f"(expected layer.weight.value[{weight_name!r}] or a ParamState attribute {weight_name!r})."
+        f"{owner}: weight_name must name the layer's weight, got {weight_name!r}: layer {type(layer).__name__} "
+        f"has no ParamState holding it (expected layer.weight.value[{weight_name!r}] or a ParamState attribute "
+        f"{weight_name!r})."
     )
+
+
+def _check_weight_epsilon(owner, epsilon):
+    """A positive finite epsilon without a unit: it bounds a norm of the wrapped weight, which has none."""
+    return check_epsilon(owner, _units.in_unit(owner, "epsilon", epsilon, None))
 
 
 class _WeightWrapper(brainstate.nn.Module):
     """Runs ``layer`` with a weight computed by :meth:`_weight`."""
 
     def __init__(self, layer, weight_name, name=None):
-        super().__init__(name=name)
+        super().__init__(name=check_name(type(self).__name__, name))
         self._owner = type(self).__name__
         self.layer = layer
         self.weight_name = weight_name
@@ -151,15 +163,18 @@ class _WeightWrapper(brainstate.nn.Module):
 class WeightNorm(_WeightWrapper):
     r"""Weight normalization (Salimans and Kingma, 2016).
 
-    .. math:: w = g \, \frac{v}{\lVert v \rVert}
+    .. math:: w = g \, \frac{v}{\max(\lVert v \rVert, \epsilon)}
 
-    with the norm over every axis of the weight but the output ``axis``. ``g``
-    starts at :math:`\lVert v \rVert` and ``v`` at the wrapped weight, so the
-    wrapped layer computes the same function at construction (PyTorch and
-    equinox; flax starts ``g`` at 1). ``g`` and ``v`` are trainable
-    ``ParamState``\ s and replace the wrapped weight, which is taken out of the
-    layer's ``ParamState``: ``wrapper.states(brainstate.ParamState)`` holds
-    exactly ``g``, ``v`` and the layer's other parameters (the bias, still at
+    with the norm over every axis of the weight but the output ``axis``,
+    formed as :func:`brainnorm.functional.lp_normalize` forms it (on values
+    rescaled by a power of two, so no square overflows at any float32
+    magnitude). ``g`` starts at :math:`\lVert v \rVert` and ``v`` at the
+    wrapped weight, so the wrapped layer computes the same function at
+    construction (PyTorch and equinox; flax starts ``g`` at 1). ``g`` and
+    ``v`` are trainable ``ParamState``\ s and replace the wrapped weight,
+    which is taken out of the layer's ``ParamState``:
+    ``wrapper.states(brainstate.ParamState)`` holds exactly ``g``, ``v`` and
+    the layer's other parameters (the bias, still at
     ``layer.weight.value['bias']``), so an optimizer keeps no moments for, and
     applies no weight decay to, a weight that is never used. A slot left with
     no trainable entry (a layer without bias, or a weight held in its own
@@ -212,18 +227,31 @@ class WeightNorm(_WeightWrapper):
         super().__init__(layer, weight_name, name=name)
         weight = jnp.asarray(self._stored_weight())
         self.axis = canonical_axes(self._owner, "axis", axis, weight.ndim)
-        self.epsilon = check_epsilon(self._owner, epsilon)
+        self.epsilon = _check_weight_epsilon(self._owner, epsilon)
         self._norm_axes = tuple(a for a in range(weight.ndim) if a not in self.axis)
         self.v = brainstate.ParamState(weight)
-        self.g = brainstate.ParamState(self._norm(weight))
+        # ||v|| recovered from the core's direction d = v / ||v|| at the largest entry, |v_k| / |d_k|: no sum
+        # of squares here, so no overflow where ||v|| itself is representable (a zero column gives 0)
+        tiny = float(jnp.finfo(jnp.promote_types(weight.dtype, jnp.float32)).tiny)
+        largest = jnp.max(jnp.abs(self._direction(weight, tiny)), axis=self._norm_axes, keepdims=True)
+        magnitude = jnp.max(jnp.abs(weight), axis=self._norm_axes, keepdims=True)
+        norm = jnp.where(largest > 0, magnitude / jnp.where(largest > 0, largest, 1), 0)
+        self.g = brainstate.ParamState(norm.astype(weight.dtype))
         self._detach_weight()
 
-    def _norm(self, v, floor=0.0):
-        return _stats.l2_norm(v, self._norm_axes, floor)
+    def _direction(self, v, epsilon):
+        """``v / max(||v||, epsilon)`` over the norm axes.
+
+        ``lp_normalize`` forms the norm on values rescaled by a power of two,
+        so no square overflows (weights of magnitude 1e20 and up) and the
+        gradient is finite at a zero column. The size-1 axis appended makes
+        an empty set of norm axes (every axis an output axis) a norm over one
+        element.
+        """
+        return F.lp_normalize(v[..., None], 2, axis=self._norm_axes + (-1,), epsilon=epsilon)[..., 0]
 
     def _weight(self, use_running_average):
-        v = self.v.value
-        return self.g.value * v / self._norm(v, self.epsilon**2), ()
+        return self.g.value * self._direction(self.v.value, self.epsilon), ()
 
 
 class SpectralNorm(_RunningStatistics, _WeightWrapper):
@@ -290,7 +318,7 @@ class SpectralNorm(_RunningStatistics, _WeightWrapper):
             raise TypeError(f"{self._owner}: axis must be an int (the output axis of the weight), got {axis!r}.")
         self.axis = canonical_axes(self._owner, "axis", axis, weight.ndim)[0]
         self.n_steps = check_positive_int(self._owner, "n_steps", n_steps)
-        self.epsilon = check_epsilon(self._owner, epsilon)
+        self.epsilon = _check_weight_epsilon(self._owner, epsilon)
         self.use_running_average = check_flag(self._owner, "use_running_average", use_running_average, allow_none=True)
         matrix = jax.lax.stop_gradient(self._matrix(weight))
         rows, cols = matrix.shape
@@ -305,7 +333,9 @@ class SpectralNorm(_RunningStatistics, _WeightWrapper):
         return jnp.moveaxis(weight, self.axis, 0).reshape(rows, math.prod(weight.shape) // rows)
 
     def _unit(self, vector):
-        return vector / jnp.maximum(jnp.linalg.norm(vector), self.epsilon)
+        """``vector / max(||vector||, epsilon)``; scale-safe (``lp_normalize``), so a weight of magnitude 1e20
+        and up, whose squares overflow, still gives unit vectors and its sigma."""
+        return F.lp_normalize(vector, 2, axis=0, epsilon=self.epsilon)
 
     def _power_iteration(self, matrix, u, v, steps):
         for _ in range(steps):

@@ -33,6 +33,7 @@ from ._validation import (
     check_epsilon_range,
     check_groups,
     check_input,
+    check_local_response,
     check_mask,
     check_momentum,
     check_momentum_shape,
@@ -239,9 +240,11 @@ def normalize(x, mean, var, *, scale=None, bias=None, epsilon=1e-6, dtype=None):
     owner = "normalize"
     check_epsilon(owner, epsilon)
     x_m, unit = _units.split(x)
-    x_m = jnp.asarray(x_m)
-    mean_m = _units.in_unit(owner, "mean", mean, unit)
-    var_m = _units.in_unit(owner, "var", var, None if unit is None else unit**2)
+    x_m = check_input(owner, x_m)
+    mean_m = check_input(owner, _units.in_unit(owner, "mean", mean, unit), option="mean")
+    var_m = check_input(owner, _units.in_unit(owner, "var", var, None if unit is None else unit**2), option="var")
+    for option, value in (("mean", mean_m), ("var", var_m)):
+        check_broadcasts(owner, option, value, x_m.shape)
     stats = _stats.given_moments(mean_m, var_m, stats_dtype(x_m.dtype))
     return _apply(owner, x_m, unit, stats, scale=scale, bias=bias, epsilon=epsilon, dtype=dtype)
 
@@ -946,6 +949,10 @@ def local_response_norm(x, size: int, *, alpha=1e-4, beta=0.75, k=1.0, feature_a
     size : int
         Number of neighbouring channels summed.
     alpha, beta, k : float
+        Finite and representable in the statistics dtype, with ``alpha >= 0``,
+        ``k >= 0`` and ``k > 0`` when ``beta > 0``: the base ``k + alpha / n *
+        sum`` then stays positive (PyTorch accepts other values and returns
+        nan where the base is negative, or zero under a positive ``beta``).
     feature_axis : int
         Channel axis of ``x``.
     mask : array_like of bool, optional
@@ -957,6 +964,14 @@ def local_response_norm(x, size: int, *, alpha=1e-4, beta=0.75, k=1.0, feature_a
     -------
     Array or Quantity
 
+    Raises
+    ------
+    ValueError
+        ``alpha < 0``, ``k < 0``, ``k == 0`` with ``beta > 0``, a value that is
+        not finite or overflows the statistics dtype, a non-positive ``size``.
+    TypeError
+        A non-numeric ``alpha``, ``beta`` or ``k``.
+
     References
     ----------
     Krizhevsky, Sutskever, Hinton. ImageNet Classification with Deep
@@ -966,16 +981,16 @@ def local_response_norm(x, size: int, *, alpha=1e-4, beta=0.75, k=1.0, feature_a
     --------
     >>> import jax.numpy as jnp
     >>> from brainnorm.functional import local_response_norm
-    >>> local_response_norm(jnp.array([1., 2.]), 1, alpha=1., beta=1., k=0.).tolist()
-    [1.0, 0.5]
+    >>> local_response_norm(jnp.array([0., 1.]), 1, alpha=3., beta=0.5, k=1.).tolist()   # 1 / sqrt(1 + 3)
+    [0.0, 0.5]
     """
     owner = "local_response_norm"
     size = check_positive_int(owner, "size", size)
-    alpha, beta, k = (
-        check_real(owner, option, value) for option, value in (("alpha", alpha), ("beta", beta), ("k", k))
-    )
+    alpha, beta, k = check_local_response(owner, alpha, beta, k)
     dtype = check_dtype(owner, "dtype", dtype)
     x_m, unit, mask = _prepare(owner, x, mask)
+    # the values must also fit the dtype this input is computed in (float32 unless float64)
+    check_local_response(owner, alpha, beta, k, stats_dtype(x_m.dtype))
     feature = canonical_axes(owner, "feature_axis", feature_axis, x_m.ndim)
     if len(feature) != 1:
         raise ValueError(f"{owner}: feature_axis must name one axis, got {feature_axis!r}.")
@@ -1025,10 +1040,13 @@ def weight_standardization(w, eps=1e-4, gain=None, out_axis=-1):
     owner = "weight_standardization"
     check_epsilon(owner, eps, option="eps")
     w_m, unit = _units.split(w)
-    w_m = jnp.asarray(w_m)
+    w_m = check_input(owner, w_m, option="w")
     out = canonical_axes(owner, "out_axis", out_axis, w_m.ndim)
     axes = tuple(a for a in range(w_m.ndim) if a not in out)
     gain_m, _, out_unit = _units.affine_units(owner, gain, None)
+    if gain_m is not None:
+        gain_m = check_input(owner, gain_m, option="gain")
+        check_broadcasts(owner, "gain", gain_m, w_m.shape)
     y = _stats.standardize_weight(w_m, axes, _units.epsilon_value(owner, eps, unit), gain_m)
     return _units.attach(y.astype(output_dtype(w_m.dtype)), out_unit)
 

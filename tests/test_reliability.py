@@ -8,22 +8,26 @@
 * Every option and call argument of the wrong kind, NaN, inf, negative or
   huge gives either success or a ``TypeError``/``ValueError`` naming the
   option (a catalogue of the cases a fuzzing run found, then a hypothesis
-  test over every constructor option).
+  test over every option of every public layer and function, derived from
+  ``__all__`` and the signatures).
 
 Padding that holds NaN or inf is in the hazard matrix (``test_hazards.py``).
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 import re
+from dataclasses import dataclass, field
 
 import brainstate
+import brainunit as u
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 import brainnorm
@@ -209,6 +213,24 @@ CATALOGUE = [
     ("axis_name-float", lambda: brainnorm.LayerNorm(3, axis_name=1.5), TypeError, ["LayerNorm", "axis_name"]),
     ("epsilon-underflow", lambda: brainnorm.BatchNorm0d(3, epsilon=1e-50), ValueError,
      ["BatchNorm0d", "epsilon", "at least", "1e-50"]),
+    ("wrapper-name-nan", lambda: brainnorm.WeightNorm(brainstate.nn.Linear(3, 4), name=math.nan), TypeError,
+     ["WeightNorm", "name", "nan"]),
+    ("wrapper-weight_name-none", lambda: brainnorm.SpectralNorm(brainstate.nn.Linear(3, 4), weight_name=None),
+     TypeError, ["SpectralNorm", "weight_name", "None"]),
+    ("wrapper-weight_name-list", lambda: brainnorm.WeightNorm(brainstate.nn.Linear(3, 4), weight_name=[]),
+     TypeError, ["WeightNorm", "weight_name", "[]"]),
+    ("wrapper-weight_name-missing", lambda: brainnorm.WeightNorm(brainstate.nn.Linear(3, 4), weight_name="abc"),
+     ValueError, ["WeightNorm", "weight_name", "'abc'"]),
+    ("wrapper-epsilon-unit", lambda: brainnorm.SpectralNorm(brainstate.nn.Linear(3, 4), epsilon=1.0 * u.mV),
+     TypeError, ["SpectralNorm", "epsilon", "mV"]),
+    ("fold_threshold-v_th-nan", lambda: brainnorm.fold_threshold(brainnorm.BatchNorm0d(3), math.nan), ValueError,
+     ["fold_threshold", "v_th", "nan"]),
+    ("fold_threshold-v_th-huge-int", lambda: brainnorm.fold_threshold(brainnorm.BatchNorm0d(3), 10**30), TypeError,
+     ["fold_threshold", "v_th", str(10**30)]),
+    ("fold_threshold-v_th-str", lambda: brainnorm.fold_threshold(brainnorm.BatchNorm0d(3), "abc"), TypeError,
+     ["fold_threshold", "v_th", "'abc'"]),
+    ("fold_threshold-v_th-none", lambda: brainnorm.fold_threshold(brainnorm.BatchNorm0d(3), None), TypeError,
+     ["fold_threshold", "v_th", "None"]),
 ]
 
 
@@ -236,70 +258,200 @@ def test_a_refused_call_writes_nothing():
         assert np.array_equal(np.asarray(state.value), before[path]), path
 
 
-# --- fuzzing every constructor option ----------------------------------------------------------------
+# --- fuzzing every option of every public layer and function ----------------------------------------
+#
+# The targets are derived from ``brainnorm.__all__`` and ``brainnorm.functional.__all__`` at run time, and
+# the options from each target's signature: a public name or an option added later is fuzzed without an edit
+# here. ``FUZZ_TARGETS`` gives each name valid arguments for its required parameters and the data to run it
+# on; ``FUZZ_EXCLUDED`` lists the public names with nothing to fuzz, each with its reason;
+# ``test_every_public_name_is_fuzzed`` fails for a name in neither.
 
-def _constructors():
-    """name -> (factory(**options), options that factory accepts)."""
-    common = ["epsilon", "use_scale", "use_bias", "scale_init", "bias_init", "axis_name", "axis_index_groups",
-              "use_fast_variance", "dtype", "param_dtype"]
-    running = common + ["momentum", "track_running_stats", "unbiased_running_var", "use_running_average"]
-    return {
-        "BatchNorm0d": (lambda **kw: brainnorm.BatchNorm0d(3, **kw), running),
-        "BatchNorm2d": (lambda **kw: brainnorm.BatchNorm2d((2, 2, 3), **kw), running),
-        "LayerNorm": (lambda **kw: brainnorm.LayerNorm((2, 3), **kw), common + ["reduction_axes", "feature_axes"]),
-        "RMSNorm": (lambda **kw: brainnorm.RMSNorm((2, 3), **kw),
-                    [o for o in common if o not in ("use_bias", "bias_init", "use_fast_variance")]),
-        "GroupNorm": (lambda **kw: brainnorm.GroupNorm((2, 4), num_groups=2, **kw), common),
-        "InstanceNorm": (lambda **kw: brainnorm.InstanceNorm((2, 3), **kw), running),
-        "LocalResponseNorm": (lambda **kw: brainnorm.LocalResponseNorm(3, 2, **kw), ["alpha", "beta", "k", "dtype"]),
-        "BatchNormThroughTime": (lambda **kw: brainnorm.BatchNormThroughTime(3, 4, **kw), running + ["step_mode"]),
-        "ThresholdDependentBatchNorm": (lambda **kw: brainnorm.ThresholdDependentBatchNorm(3, **kw),
-                                        running + ["alpha", "v_th", "step_mode"]),
-        "TemporalEffectiveBatchNorm": (lambda **kw: brainnorm.TemporalEffectiveBatchNorm(3, 4, **kw),
-                                       running + ["step_mode"]),
-    }
+x_seq = np.ones((4, 2, 3), np.float32)  # (T, B, C): the temporal functions and instance_norm
 
 
-CONSTRUCTORS = _constructors()
-CASES = [(name, option) for name, (_, options) in CONSTRUCTORS.items() for option in options]
+def _run(layer, x, batch_size=None):
+    """Build-and-run: a layer that was built is also called once on valid input (training)."""
+    if batch_size is not None:
+        layer.init_state(batch_size)
+    with brainstate.environ.context(fit=True, dt=0.1, i=0):  # i: the step index of single-step temporal layers
+        return layer(x)
+
+
+def _linear():
+    return brainstate.nn.Linear(3, 4)
+
+
+@dataclass(frozen=True)
+class FuzzTarget:
+    """``required``: valid values of the required parameters; ``run(built)`` runs what the call returned."""
+
+    required: dict = field(default_factory=dict)
+    run: object = None
+
+
+_LAYER = FuzzTarget(dict(in_size=3), lambda layer: _run(layer, x3))
+_STEPS = FuzzTarget(dict(in_size=3, num_steps=4), lambda layer: _run(layer, x3))
+_STATEFUL = FuzzTarget(dict(in_size=3), lambda layer: _run(layer, x3, batch_size=4))
+_WRAPPER = FuzzTarget(dict(layer=_linear), lambda wrapper: _run(wrapper, x3))
+
+FUZZ_TARGETS = {
+    "BatchNorm0d": _LAYER,
+    "BatchNorm1d": FuzzTarget(dict(in_size=(2, 3)), lambda layer: _run(layer, x_seq)),
+    "BatchNorm2d": FuzzTarget(dict(in_size=(2, 2, 3)), lambda layer: _run(layer, np.ones((2, 2, 2, 3), np.float32))),
+    "BatchNorm3d": FuzzTarget(dict(in_size=(1, 2, 2, 3)),
+                              lambda layer: _run(layer, np.ones((2, 1, 2, 2, 3), np.float32))),
+    "BatchRenorm": _LAYER,
+    "LayerNorm": FuzzTarget(dict(in_size=(2, 3)), lambda layer: _run(layer, x_seq)),
+    "RMSNorm": FuzzTarget(dict(in_size=(2, 3)), lambda layer: _run(layer, x_seq)),
+    "GroupNorm": FuzzTarget(dict(in_size=(2, 4), num_groups=2), lambda layer: _run(layer, np.ones((3, 2, 4)))),
+    "InstanceNorm": FuzzTarget(dict(in_size=(2, 3)), lambda layer: _run(layer, x_seq)),
+    "LocalResponseNorm": FuzzTarget(dict(in_size=3, size=2), lambda layer: _run(layer, x3)),
+    "WeightNorm": _WRAPPER,
+    "SpectralNorm": _WRAPPER,
+    "BatchNormThroughTime": _STEPS,
+    "ThresholdDependentBatchNorm": _LAYER,
+    "TemporalEffectiveBatchNorm": _STEPS,
+    "TemporalAccumulatedBatchNorm": _STEPS,
+    "NeuNorm": _STATEFUL,
+    "DivisiveNormalization": _LAYER,
+    "GDN": _LAYER,
+    "DynamicDivisiveNormalization": _STATEFUL,
+    "fold_batch_norm": FuzzTarget(dict(layer=_linear, norm=lambda: brainnorm.BatchNorm0d(4)),
+                                  lambda folded: folded(x3)),
+    "fold_threshold": FuzzTarget(dict(norm=lambda: brainnorm.BatchNorm0d(3), v_th=1.0)),
+    "weight_standardization": FuzzTarget(dict(w=x3)),
+    "functional.moments": FuzzTarget(dict(x=x3, axes=0)),
+    "functional.normalize": FuzzTarget(dict(x=x3, mean=np.zeros(3), var=np.ones(3))),
+    "functional.layer_norm": FuzzTarget(dict(x=x3)),
+    "functional.rms_norm": FuzzTarget(dict(x=x3)),
+    "functional.batch_norm": FuzzTarget(dict(x=x3, training=True)),
+    "functional.group_norm": FuzzTarget(dict(x=np.ones((4, 4), np.float32), num_groups=2)),
+    "functional.instance_norm": FuzzTarget(dict(x=x_seq)),
+    "functional.local_response_norm": FuzzTarget(dict(x=x3, size=2)),
+    "functional.weight_standardization": FuzzTarget(dict(w=x3)),
+    "functional.batch_renorm": FuzzTarget(dict(x=x3, running_mean=np.zeros(3), running_var=np.ones(3),
+                                               training=True)),
+    "functional.lp_normalize": FuzzTarget(dict(x=x3)),
+    "functional.divisive_normalization": FuzzTarget(dict(x=x3)),
+    "functional.gdn": FuzzTarget(dict(x=x3, beta=np.ones(3), gamma=0.1 * np.eye(3))),
+    "functional.temporal_accumulated_batch_norm": FuzzTarget(dict(x=x_seq, training=True)),
+    "functional.neu_norm": FuzzTarget(dict(x=x3, weight=np.ones(3))),
+}
+
+FUZZ_EXCLUDED = {
+    "NormalizationParamState": "a brainstate.ParamState: it holds whatever value it is given, as its base does",
+    "functional": "the module of functions; its names are fuzzed from functional.__all__",
+    "backend_info": "takes no argument",
+}
+
+
+def _public(name):
+    return getattr(F, name.split(".", 1)[1]) if name.startswith("functional.") else getattr(brainnorm, name)
+
+
+def _owner(name):
+    """The name that error messages start with: the class or the function."""
+    return name.split(".", 1)[-1]
+
+
+def fuzzed_options(name):
+    """Every parameter of the target's signature (``**kwargs`` of a signature cannot be enumerated)."""
+    return [p.name for p in inspect.signature(_public(name)).parameters.values()
+            if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+
+
+def test_every_public_name_is_fuzzed():
+    names = set(brainnorm.__all__) | {f"functional.{n}" for n in F.__all__}
+    missing = sorted(names - set(FUZZ_TARGETS) - set(FUZZ_EXCLUDED))
+    assert not missing, f"public names with no entry in FUZZ_TARGETS and no reason in FUZZ_EXCLUDED: {missing}"
+    stale = sorted((set(FUZZ_TARGETS) | set(FUZZ_EXCLUDED)) - names)
+    assert not stale, f"FUZZ_TARGETS or FUZZ_EXCLUDED name what is not public: {stale}"
+    for name, target in FUZZ_TARGETS.items():
+        options = fuzzed_options(name)
+        assert set(target.required) <= set(options), f"{name}: required arguments {set(target.required) - set(options)}"
+    total = sum(len(fuzzed_options(n)) for n in FUZZ_TARGETS)
+    print(f"fuzz: {len(names)} public names, {len(FUZZ_TARGETS)} fuzzed ({total} options), "
+          f"{len(FUZZ_EXCLUDED)} excluded")
+
 
 BAD_VALUES = st.one_of(
     st.sampled_from([None, "abc", "", "False", "float32", math.nan, math.inf, -math.inf, -1, -1.5, 0, 0.0, 1e300,
                      -1e300, 10**30, True, False, 1j, 1 + 2j, [], [0], [[0, 1]], (0, 1), {}, {"a": 1}, object(),
-                     np.float32(np.nan), np.array([1.0, 2.0]), np.array(0.5), jnp.int32, jnp.float16, 1e-50]),
+                     np.float32(np.nan), np.array([1.0, 2.0]), np.array([1.0, 2.0, 3.0]), np.array(0.5),
+                     np.array([[0.5]]), jnp.int32, jnp.float16, 1e-50, 1.0 * u.mV, np.ones(3) * u.ms]),
     st.floats(allow_nan=True, allow_infinity=True, width=32),
-    st.integers(min_value=-10**6, max_value=10**6),
+    st.integers(min_value=-1000, max_value=1000),  # sizes up to 1000: a (C, C) pool of 1e6 stays small
     st.text(max_size=4),
 )
 
 _REJECTED = set()
 
+# arrays of data or of initial parameter values: for these, NaN in and NaN out is the right result
+DATA = {"x", "w", "mean", "var", "running_mean", "running_var", "scale", "bias", "gain", "p", "weight", "state",
+        "accumulated"}
+# the named axis exists only under a transform that maps it, so a layer built with one is not run here
+NEEDS_MAPPED_AXIS = {"axis_name", "axis_index_groups"}
 
-@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(case=st.sampled_from(CASES), value=BAD_VALUES)
-def test_fuzzed_options_succeed_or_name_the_option(case, value):
-    """Any value of any option: the layer is built, or a TypeError/ValueError names the layer and the option."""
-    name, option = case
-    factory, _ = CONSTRUCTORS[name]
+
+def _is_data(option):
+    return option in DATA or option.endswith(("_init", "_initializer"))
+
+
+def _finite(tree):
+    leaves = jax.tree_util.tree_leaves(tree, is_leaf=lambda a: isinstance(a, u.Quantity))
+    return all(np.all(np.isfinite(np.asarray(u.get_mantissa(leaf), np.float64))) for leaf in leaves
+               if np.issubdtype(np.asarray(u.get_mantissa(leaf)).dtype, np.number))
+
+
+@pytest.mark.parametrize("name", sorted(FUZZ_TARGETS))
+# a fixed sample (derandomize) of 25 draws per target; no shrinking: the drawn values are already plain
+@settings(max_examples=25, deadline=None, derandomize=True, phases=(Phase.explicit, Phase.generate),
+          suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_fuzzed_options_succeed_or_name_the_option(name, data):
+    """Any value of any option: the call succeeds (a layer then also runs once, with finite output and
+    states), or a TypeError/ValueError names the layer or function and the option."""
+    target = FUZZ_TARGETS[name]
+    option = data.draw(st.sampled_from(fuzzed_options(name)), label="option")
+    value = data.draw(BAD_VALUES, label="value")
+    arguments = {k: v() if callable(v) else v for k, v in target.required.items()}
+    arguments[option] = value
+    owner = _owner(name)
     try:
-        factory(**{option: value})
+        built = _public(name)(**arguments)
+        out = built if target.run is None or option in NEEDS_MAPPED_AXIS else target.run(built)
+    except NameError as error:
+        # a valid axis name, validated, then unbound outside the transform that maps it: the only way to run
+        if option not in NEEDS_MAPPED_AXIS or "unbound axis name" not in str(error):
+            pytest.fail(f"{name}({option}={value!r}) raised NameError: {error}")
+        return
     except (TypeError, ValueError) as error:
         message = str(error)
-        assert message.startswith(f"{name}: "), message
-        assert option in message or _related(option) in message, message
+        assert message.startswith(f"{owner}: "), f"{name}({option}={value!r}): {message}"
+        assert option in message or _related(option) in message, f"{name}({option}={value!r}): {message}"
         _REJECTED.add((name, option, repr(value)))
-    except Exception as error:  # noqa: BLE001 - anything else is a defect
+        return
+    except Exception as error:  # anything else is a defect
         pytest.fail(f"{name}({option}={value!r}) raised {type(error).__name__}: {error}")
+    if _is_data(option):
+        return
+    states = built.states() if isinstance(built, brainstate.nn.Module) else {}
+    assert _finite(out), f"{name}({option}={value!r}) was accepted and gave a non-finite output"
+    for path, state in states.items():
+        assert _finite(state.value), f"{name}({option}={value!r}) was accepted and made state {path} non-finite"
 
 
 def _related(option):
-    """Options whose refusal is reported through a companion option (axis_index_groups needs axis_name)."""
-    return {"axis_index_groups": "axis_name"}.get(option, option)
+    """Options whose refusal is reported through a companion option (axis_index_groups needs axis_name) or
+    under the name that brainstate's alias stands for."""
+    related = {"axis_index_groups": "axis_name", "bias_initializer": "bias_init", "scale_initializer": "scale_init",
+               "batch_axes": "batch axis"}
+    return related.get(option, option)
 
 
 def test_fuzz_rejected_many_distinct_inputs():
     """Runs after the fuzz test (same module): it refused a broad set of inputs, not a handful."""
     if not _REJECTED:
         pytest.skip("the fuzz test did not run in this session")
-    print(f"fuzz: {len(_REJECTED)} distinct rejected (layer, option, value) inputs")
+    print(f"fuzz: {len(_REJECTED)} distinct rejected (name, option, value) inputs")
     assert len(_REJECTED) >= 30
