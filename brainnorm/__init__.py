@@ -7,6 +7,7 @@ Layers are ``brainstate.nn.Module`` subclasses built on the pure functions of
 from . import functional
 from ._backend import backend_info, warn_about_environment
 from ._batch_norm import BatchNorm0d, BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchRenorm
+from ._conversion import normalize_for_conversion, record_activations
 from ._deploy import fold_batch_norm, fold_threshold
 from ._divisive import GDN, DivisiveNormalization, DynamicDivisiveNormalization
 from ._group_norm import GroupNorm, InstanceNorm
@@ -44,6 +45,8 @@ __all__ = [
     "NeuNorm",
     "fold_batch_norm",
     "fold_threshold",
+    "normalize_for_conversion",
+    "record_activations",
     "DivisiveNormalization",
     "GDN",
     "DynamicDivisiveNormalization",
