@@ -51,7 +51,13 @@ def _check_layers(owner: str, layers: Any) -> list:
             f"{owner}: layers must be a sequence of weight layers ({_EXPECTED_LAYER} each), "
             f"got {type(layers).__name__}."
         )
-    layers = list(layers)
+    try:
+        layers = list(layers)
+    except TypeError:  # a 0-d array or Quantity is Iterable by its class but cannot be iterated
+        raise TypeError(
+            f"{owner}: layers must be a sequence of weight layers ({_EXPECTED_LAYER} each), "
+            f"got {type(layers).__name__}."
+        ) from None
     if not layers:
         raise ValueError(f"{owner}: layers must hold at least one weight layer, got an empty sequence.")
     for index, layer in enumerate(layers):
@@ -110,11 +116,23 @@ def _check_input_scale(owner: str, input_scale: Any):
     return _units.attach(number, unit)
 
 
-def _rescaled(owner: str, value: Any, factor: Any):
-    """``value * factor`` in ``value``'s dtype; a dimensionless result is a plain array."""
+def _rescaled(owner: str, what: str, value: Any, factor: Any, scales: list):
+    """``value * factor`` in ``value``'s dtype; a dimensionless result is a plain array.
+
+    Refused when the product leaves the dtype's range (an input scale near float32's largest number, or
+    scales that differ by as much): the spiking network would be driven by inf.
+    """
     dtype = jnp.result_type(_units.split(value)[0])
-    mantissa, unit = _units.split(value * factor)
-    return _units.attach(jnp.asarray(mantissa, dtype=dtype), unit)
+    with np.errstate(over="ignore", invalid="ignore"):  # an overflow is reported below, with its cause
+        mantissa, unit = _units.split(value * factor)
+        rescaled = jnp.asarray(mantissa, dtype=dtype)
+    if not bool(jnp.all(jnp.isfinite(rescaled))) and bool(jnp.all(jnp.isfinite(_units.split(value)[0]))):
+        raise ValueError(
+            f"{owner}: input_scale and the activation scales (their percentile) must keep the rescaled {what} within "
+            f"{jnp.dtype(dtype).name}'s range, got scales {[str(scale) for scale in scales]} (input_scale first), "
+            f"which overflow it."
+        )
+    return _units.attach(rescaled, unit)
 
 
 def normalize_for_conversion(
@@ -219,12 +237,15 @@ def normalize_for_conversion(
             scales.append(_scale(owner, index, entry, percentile))  # the entry is dropped here
     if count != len(layers):
         raise ValueError(f"{owner}: activations must hold one entry per layer ({len(layers)}), got {count}.")
+    all_scales = [previous, *scales]
     normalized = []
-    for layer, scale in zip(layers, scales, strict=True):
+    for index, (layer, scale) in enumerate(zip(layers, scales, strict=True)):
         params = dict(layer.weight.value)
-        params["weight"] = _rescaled(owner, params["weight"], previous / scale)
+        params["weight"] = _rescaled(
+            owner, f"weight of layers[{index}]", params["weight"], previous / scale, all_scales
+        )
         if "bias" in params:
-            params["bias"] = _rescaled(owner, params["bias"], 1 / scale)
+            params["bias"] = _rescaled(owner, f"bias of layers[{index}]", params["bias"], 1 / scale, all_scales)
         copy = brainstate.graph.clone(layer)
         copy.weight.value = params
         normalized.append(copy)
@@ -283,12 +304,19 @@ def record_activations(
     if percentile is not None:
         percentile = _check_percentile(owner, percentile)
     mantissa, _ = _units.split(x)
-    if (
-        isinstance(mantissa, (str, bytes))
-        or mantissa is None
-        or not (isinstance(mantissa, jax.Array) or np.asarray(mantissa).dtype.kind in "iufb")
-    ):
+    try:
+        kind = mantissa.dtype.kind if isinstance(mantissa, jax.Array) else np.asarray(mantissa).dtype.kind
+    except (TypeError, ValueError):  # ragged nesting
+        kind = "O"
+    if isinstance(mantissa, (str, bytes)) or kind not in "iufb":
         raise TypeError(f"{owner}: x must be an array of numbers (or a Quantity), got {type(x).__name__}.")
+    in_size = tuple(layers[0].in_size)
+    shape = tuple(np.shape(mantissa))
+    if shape[len(shape) - len(in_size) :] != in_size:
+        raise ValueError(
+            f"{owner}: x must be a batch of inputs of layers[0], of shape (..., {', '.join(map(str, in_size))}), "
+            f"got shape {shape}."
+        )
     records = []
     signal = x
     for index, layer in enumerate(layers):

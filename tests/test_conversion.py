@@ -15,6 +15,7 @@ from pathlib import Path
 
 import brainstate
 import braintools
+import brainunit as u
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -337,3 +338,40 @@ def test_example_quick(tmp_path):
             assert accuracies[t_max] > 0.5, f"{percentile}: SNN accuracy {accuracies[t_max]} at T={t_max}"
         # the percentile-normalized SNN approaches the ANN by the largest T of the quick setting
         assert abs(result["snn"]["99.99"][t_max] - ann) < 0.03, (result["snn"]["99.99"], ann)
+
+
+def test_rescaled_weights_beyond_the_dtype_are_refused():
+    layers = _linear_net(11)
+    acts = brainnorm.record_activations(layers, _inputs(layers))
+    _check_error(
+        ValueError,
+        r"normalize_for_conversion: input_scale .* within float32's range",
+        lambda: brainnorm.normalize_for_conversion(layers, [acts[0] * 1e-3, *acts[1:]], input_scale=3e38),
+        layers,
+    )
+
+
+def test_record_activations_refuses_x_of_another_shape():
+    layers = _conv_net(12)
+    with pytest.raises(
+        ValueError,
+        match=r"record_activations: x must be a batch of inputs of layers\[0\], of shape "
+        r"\(\.\.\., 7, 7, 3\), got shape \(2, 7, 7, 4\)",
+    ):
+        brainnorm.record_activations(layers, np.ones((2, 7, 7, 4), np.float32))
+
+
+def test_quantities_carry_their_units_into_the_scales():
+    """Input in mV, activations in mV: the scales cancel the unit and the rescaled weights are plain."""
+    layers = _linear_net(13, bias=False)
+    x = _inputs(layers)
+    acts = brainnorm.record_activations(layers, x * u.mV)
+    assert all(isinstance(a, u.Quantity) and a.unit == u.mV for a in acts)
+    with_units = brainnorm.normalize_for_conversion(layers, acts, input_scale=2.0 * u.mV)
+    plain = brainnorm.normalize_for_conversion(layers, [a.mantissa for a in acts], input_scale=2.0)
+    for first, second in zip(with_units, plain, strict=True):
+        weight = first.weight.value["weight"]
+        assert not isinstance(weight, u.Quantity) or weight.unit.is_unitless
+        np.testing.assert_allclose(
+            np.asarray(u.get_mantissa(weight)), np.asarray(second.weight.value["weight"]), rtol=1e-6
+        )
