@@ -36,7 +36,7 @@ response and the circuit's time course.
 Usage::
 
     python examples/divisive_normalization.py                     # full setting
-    python examples/divisive_normalization.py --quick             # a few seconds (CI)
+    python examples/divisive_normalization.py --quick             # reduced setting (CI), ~15 s of CPU
     python examples/divisive_normalization.py --out /tmp/dn.png
 """
 
@@ -145,7 +145,7 @@ def main(argv=None):
     quick = args.quick or os.environ.get("BRAINNORM_QUICK") == "1"
 
     num_units = 12 if quick else 36
-    steps = 600 if quick else 1200  # 300 ms (12 tau_pool) or 600 ms of simulated time
+    steps = 600 if quick else 1200  # 300 ms (20 tau_pool) or 600 ms (40 tau_pool) of simulated time
     preferred, weights = ring(num_units)
     options = {"exponent": EXPONENT, "sigma": SIGMA * u.mV, "gain": GAIN * u.Hz, "weights": weights.astype(np.float32)}
     static = DivisiveNormalization(num_units, **options)
