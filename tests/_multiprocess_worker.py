@@ -66,9 +66,9 @@ MOMENTUM = 0.8
 TIME = 3  # steps of the temporal layers
 SCALE = np.linspace(0.5, 1.5, CHANNELS).astype(np.float32)
 BIAS = np.linspace(-0.3, 0.4, CHANNELS).astype(np.float32)
+BIAS_T = np.stack([BIAS, -BIAS, 0.5 * BIAS]).astype(np.float32)  # TAB: a bias per time step
 # valid length of each sample's padded axis (the length axis, or time for the temporal layers): the samples of
 # process 0 (the first 4) hold far more valid entries than those of process 1, and one sample holds none
-BIAS_T = np.stack([BIAS, -BIAS, 0.5 * BIAS]).astype(np.float32)  # TAB: a bias per time step
 LENGTHS = np.array([3, 3, 3, 2, 1, 0, 1, 1])
 
 

@@ -22,6 +22,9 @@ waits for it in a collective) makes it exit non-zero with that child's
 error within its time limit; the time limit stops children that hang; no
 process is left behind.
 
+The processes compile with ``--xla_backend_optimization_level=0`` (half the
+compile time; the HLO, and so the statistics, are the same).
+
 Tolerances (float32, values of order 1 to 10): outputs, input gradients
 and running statistics within 1e-5 absolute + 1e-5 relative of the
 single-process run and of the float64 references; parameter gradients (sums
@@ -32,6 +35,7 @@ largest differences measured are printed by ``test_report_largest_differences``
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import pathlib
@@ -63,8 +67,10 @@ LARGEST: dict[str, float] = {}  # largest |multi-process - reference| per kind o
 
 
 def _env():
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env["JAX_PLATFORMS"] = "cpu"
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    # LLVM's optimizations of the CPU code take half the compile time of these small programs and change nothing
+    # that is compared (the statistics are those of the same HLO); the launcher adds the device count
+    env["XLA_FLAGS"] = "--xla_backend_optimization_level=0"
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH", "")]))
     return env
 
@@ -249,8 +255,9 @@ def test_batch_norm_steps_equal_float64_reference(launch, name, mode):
         (scale_key,) = [k for k in grads if "scale" in k]
         (bias_key,) = [k for k in grads if "bias" in k]
         assert_close(grads[scale_key], factor * g_xhat.sum(axes), "parameter gradient vs float64", atol=GRAD_ATOL)
-        assert_close(grads[bias_key], weights.astype(np.float64).sum(axes), "parameter gradient vs float64",
-                     atol=GRAD_ATOL)
+        assert_close(
+            grads[bias_key], weights.astype(np.float64).sum(axes), "parameter gradient vs float64", atol=GRAD_ATOL
+        )
         mean, var = ref.running_update(mean, var, x, axes, worker.MOMENTUM, mask)
         assert_close(launch.copies(case, f"mean{step}")[0].ravel(), mean, "running statistics vs float64")
         assert_close(launch.copies(case, f"var{step}")[0].ravel(), var, "running statistics vs float64")
@@ -286,9 +293,7 @@ def _gone(pid):
         os.kill(pid, 0)
     except ProcessLookupError:
         return True
-    return pathlib.Path(f"/proc/{pid}/status").exists() and "zombie" in pathlib.Path(
-        f"/proc/{pid}/status"
-    ).read_text()
+    return pathlib.Path(f"/proc/{pid}/status").exists() and "zombie" in pathlib.Path(f"/proc/{pid}/status").read_text()
 
 
 def _pids(out):
@@ -321,7 +326,9 @@ def test_time_limit_stops_every_process(tmp_path):
     seconds = time.monotonic() - started
     assert proc.returncode == distributed.TIMEOUT_STATUS, (proc.returncode, stdout, stderr)
     assert "time limit of 3 s reached" in stderr
-    assert seconds < 3 + 10, seconds  # the limit, SIGTERM (which ends a sleeping child at once) and start-up
+    # the limit, SIGTERM (which ends a sleeping child at once) and the start-up of the launcher (it imports
+    # brainnorm, and with it JAX: seconds on a loaded machine)
+    assert seconds < 3 + 30, seconds
     assert "[rank 0] sleeping" in stdout and "[rank 1] sleeping" in stdout
     for pid in _pids(tmp_path):
         assert _gone(pid), f"process {pid} is still alive"
@@ -342,8 +349,9 @@ def test_launch_passes_rank_and_loopback_coordinator_to_each_child():
         "os.environ['JAX_COORDINATOR_ADDRESS'], os.environ['JAX_COORDINATOR_BIND_ADDRESS'], "
         "os.environ['XLA_FLAGS'])"
     )
-    result = distributed.launch([sys.executable, "-c", code], 3, devices_per_process=2, timeout=60, port=45678,
-                                out=Collect())
+    result = distributed.launch(
+        [sys.executable, "-c", code], 3, devices_per_process=2, timeout=60, port=45678, out=Collect()
+    )
     assert result.returncode == 0 and result.failed_rank is None and not result.timed_out, result
     for rank in range(3):
         (line,) = [line for line in lines if line.startswith(f"[rank {rank}] ")]
@@ -354,35 +362,43 @@ def test_launch_passes_rank_and_loopback_coordinator_to_each_child():
 
 
 def test_launch_reports_the_first_failure_with_its_traceback():
-    code = "import os, time, sys\nif os.environ['JAX_PROCESS_ID'] == '1': raise KeyError('rank one broke')\ntime.sleep(60)"
+    code = (
+        "import os, time\nif os.environ['JAX_PROCESS_ID'] == '1':\n    raise KeyError('rank one broke')\ntime.sleep(60)"
+    )
     started = time.monotonic()
-    result = distributed.launch([sys.executable, "-c", code], 2, timeout=60, out=open(os.devnull, "w"))
+    result = distributed.launch([sys.executable, "-c", code], 2, timeout=60, out=io.StringIO())
     assert time.monotonic() - started < 30
     assert result.returncode == 1 and result.failed_rank == 1, result
     assert "Traceback" in result.error and "KeyError: 'rank one broke'" in result.error, result.error
     assert all(_gone(pid) for pid in result.pids)
 
 
-@pytest.mark.parametrize("kwargs,error", [
-    (dict(command="python x.py"), TypeError),
-    (dict(command=[]), TypeError),
-    (dict(command=["python"], num_processes=0), ValueError),
-    (dict(command=["python"], num_processes=2.0), TypeError),
-    (dict(command=["python"], devices_per_process=0), ValueError),
-    (dict(command=["python"], timeout=-1), ValueError),
-    (dict(command=["python"], port=70000), ValueError),
-])
+@pytest.mark.parametrize(
+    "kwargs,error",
+    [
+        (dict(command="python x.py"), TypeError),
+        (dict(command=[]), TypeError),
+        (dict(command=["python"], num_processes=0), ValueError),
+        (dict(command=["python"], num_processes=2.0), TypeError),
+        (dict(command=["python"], devices_per_process=0), ValueError),
+        (dict(command=["python"], timeout=-1), ValueError),
+        (dict(command=["python"], port=70000), ValueError),
+    ],
+)
 def test_launch_rejects_bad_arguments(kwargs, error):
     with pytest.raises(error, match="brainnorm.distributed.launch"):
         distributed.launch(**kwargs)
 
 
-@pytest.mark.parametrize("environ,message", [
-    ({"JAX_PROCESS_ID": "0"}, "not"),
-    ({"JAX_PROCESS_ID": "2", "JAX_NUM_PROCESSES": "2", "JAX_COORDINATOR_ADDRESS": "127.0.0.1:1"}, "0 <="),
-    ({"JAX_PROCESS_ID": "a", "JAX_NUM_PROCESSES": "2", "JAX_COORDINATOR_ADDRESS": "127.0.0.1:1"}, "integers"),
-    ({"JAX_PROCESS_ID": "0", "JAX_NUM_PROCESSES": "2", "JAX_COORDINATOR_ADDRESS": "localhost"}, "host:port"),
-])
+@pytest.mark.parametrize(
+    "environ,message",
+    [
+        ({"JAX_PROCESS_ID": "0"}, "not"),
+        ({"JAX_PROCESS_ID": "2", "JAX_NUM_PROCESSES": "2", "JAX_COORDINATOR_ADDRESS": "127.0.0.1:1"}, "0 <="),
+        ({"JAX_PROCESS_ID": "a", "JAX_NUM_PROCESSES": "2", "JAX_COORDINATOR_ADDRESS": "127.0.0.1:1"}, "integers"),
+        ({"JAX_PROCESS_ID": "0", "JAX_NUM_PROCESSES": "2", "JAX_COORDINATOR_ADDRESS": "localhost"}, "host:port"),
+    ],
+)
 def test_launched_process_rejects_an_inconsistent_environment(environ, message):
     with pytest.raises(ValueError, match=message):
         distributed.launched_process(environ)
@@ -395,11 +411,23 @@ def test_launched_process_outside_the_launcher():
 
 def test_command_line_help_and_bad_arguments():
     env = _env()
-    help_text = subprocess.run([sys.executable, "-m", "brainnorm.distributed", "--help"], env=env, cwd=ROOT,
-                               capture_output=True, text=True, timeout=60)
+    help_text = subprocess.run(
+        [sys.executable, "-m", "brainnorm.distributed", "--help"],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert help_text.returncode == 0
     for option in ("--num-processes", "--devices-per-process", "--timeout", "--port", "124"):
         assert option in help_text.stdout, option
-    bad = subprocess.run([sys.executable, "-m", "brainnorm.distributed", "-n", "0", "x.py"], env=env, cwd=ROOT,
-                         capture_output=True, text=True, timeout=60)
+    bad = subprocess.run(
+        [sys.executable, "-m", "brainnorm.distributed", "-n", "0", "x.py"],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert bad.returncode == 2 and "--num-processes must be >= 1, got 0" in bad.stderr
