@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from typing import Any
 
 import jax
 
@@ -44,7 +45,7 @@ def warn_about_environment(environ=os.environ) -> None:
         )
 
 
-def backend_info() -> dict:
+def backend_info() -> dict[str, Any]:
     """Which implementations compute brainnorm's statistics here, and why.
 
     Returns

@@ -53,6 +53,15 @@ def _resolve_init(owner, option, init, shape, dtype):
     return _units.attach(value_m.astype(dtype), unit)
 
 
+def _default_init(init, value):
+    """``init``, or ``brainstate.nn.init.Constant(value)`` for None (the documented standard initializer).
+
+    A default of None prints short in signatures and API pages; the layer
+    stores the resolved initializer.
+    """
+    return brainstate.nn.init.Constant(value) if init is None else init
+
+
 def _check_state_type(owner, option, state_type, *, trainable):
     if not (isinstance(state_type, type) and issubclass(state_type, brainstate.State)):
         raise TypeError(f"{owner}: {option} must be a brainstate.State subclass, got {state_type!r}.")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import brainstate
 import numpy as np
 
@@ -9,6 +11,21 @@ from . import _units
 from . import functional as F
 from ._base import _affine_values, _Normalization, _pick, _RunningStatistics
 from ._states import NormalizationParamState
+from ._typing import (
+    Array,
+    ArrayLike,
+    Axes,
+    AxisIndexGroups,
+    AxisName,
+    DTypeLike,
+    Epsilon,
+    Initializer,
+    Input,
+    Momentum,
+    Size,
+    StateType,
+    Unit,
+)
 from ._validation import check_flag, check_real
 
 __all__ = ["BatchNorm0d", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchRenorm"]
@@ -18,34 +35,38 @@ class _BatchNorm(_RunningStatistics, _Normalization):
     """Shared construction and call of the batch-statistics layers; ``num_spatial_dims`` None: any rank 1-4."""
 
     num_spatial_dims: int | None = None
+    weight: NormalizationParamState
+    running_mean: brainstate.ShortTermState
+    running_var: brainstate.ShortTermState
+    num_batches_tracked: brainstate.ShortTermState
 
     def __init__(
         self,
-        in_size,
-        feature_axis=-1,
+        in_size: Size,
+        feature_axis: Axes = -1,
         *,
         track_running_stats: bool = True,
-        epsilon=1e-5,
-        momentum=0.99,
+        epsilon: Epsilon = 1e-5,
+        momentum: Momentum | None = 0.99,
         affine: bool = True,
-        use_scale=None,
-        use_bias=None,
-        bias_initializer=None,
-        scale_initializer=None,
-        bias_init=None,
-        scale_init=None,
-        axis_name=None,
-        axis_index_groups=None,
+        use_scale: bool | None = None,
+        use_bias: bool | None = None,
+        bias_initializer: Initializer | None = None,
+        scale_initializer: Initializer | None = None,
+        bias_init: Initializer | None = None,
+        scale_init: Initializer | None = None,
+        axis_name: AxisName | None = None,
+        axis_index_groups: AxisIndexGroups | None = None,
         use_fast_variance: bool = False,
         unbiased_running_var: bool = False,
-        use_running_average=None,
-        name=None,
-        dtype=None,
-        param_dtype=None,
-        param_type=NormalizationParamState,
-        mean_type=brainstate.ShortTermState,
-        unit=None,
-    ):
+        use_running_average: bool | None = None,
+        name: str | None = None,
+        dtype: DTypeLike | None = None,
+        param_dtype: DTypeLike | None = None,
+        param_type: type[NormalizationParamState] = NormalizationParamState,
+        mean_type: StateType = brainstate.ShortTermState,
+        unit: Unit | None = None,
+    ) -> None:
         super().__init__(in_size, name=name)
         owner = self._owner
         if self.num_spatial_dims is None:
@@ -90,28 +111,48 @@ class _BatchNorm(_RunningStatistics, _Normalization):
             unit=unit,
         )
 
-    def update(self, x, mask=None, *, use_running_average=None, scale=None, bias=None):
-        """Normalize ``x`` of shape ``(*batch, *in_size)``.
+    def update(
+        self,
+        x: Input,
+        mask: ArrayLike | None = None,
+        *,
+        use_running_average: bool | None = None,
+        scale: Input | None = None,
+        bias: Input | None = None,
+    ) -> Array:
+        """Normalize ``x`` of shape ``(*batch, *in_size)``; ``layer(x, ...)`` calls this.
+
+        In training, normalizes with the batch statistics and updates the
+        running statistics (when tracked); in evaluation, normalizes with the
+        running statistics and writes nothing.
 
         Parameters
         ----------
         x : array_like or Quantity
-            Any number of leading batch axes (zero included).
+            Input whose trailing axes are ``in_size``; every leading axis (zero
+            or more) is a batch axis pooled into the statistics.
         mask : array_like of bool, optional
-            Valid positions, broadcastable to ``x``.
+            Valid positions, broadcastable to ``x`` (e.g. ``(B, T, 1)``);
+            masked-out entries are left out of the statistics and of the
+            running-statistic update.
         use_running_average : bool, optional
-            Overrides the constructor's choice and ``environ['fit']``.
-        scale, bias : array_like or Quantity, optional
-            Conditional normalization (FiLM): values given at call time,
-            broadcastable to ``x`` (e.g. ``(B, 1, C)`` per sample), used in place
-            of the learned parameter of that kind; only for a layer built
-            without it (``use_scale=False`` / ``use_bias=False``), else
+            True evaluates with the running statistics, False trains; None
+            defers to the constructor's ``use_running_average``, then to
+            ``brainstate.environ`` key ``fit``, else trains.
+        scale : array_like or Quantity, optional
+            Conditional normalization (FiLM): a gain given at call time,
+            broadcastable to ``x`` (e.g. ``(B, 1, C)`` per sample); only for a
+            layer built with ``use_scale=False`` (or ``affine=False``), else
             ``ValueError``.
+        bias : array_like or Quantity, optional
+            An offset given at call time, likewise; only for a layer built
+            with ``use_bias=False`` (or ``affine=False``).
 
         Returns
         -------
-        Array
-            Same shape as ``x``.
+        jax.Array
+            Same shape as ``x``; dimensionless unless the scale or bias carry
+            units.
         """
         x_m, unit, mask, n_batch = self._prepare_input(x, mask)
         training = self._is_training(use_running_average)
@@ -129,9 +170,113 @@ class _BatchNorm(_RunningStatistics, _Normalization):
             self.num_batches_tracked.value = self.num_batches_tracked.value + 1
         return y
 
+    if TYPE_CHECKING:  # brainstate's Module.__call__ (untyped) forwards to update: its types, for checkers
+
+        def __call__(
+            self,
+            x: Input,
+            mask: ArrayLike | None = None,
+            *,
+            use_running_average: bool | None = None,
+            scale: Input | None = None,
+            bias: Input | None = None,
+        ) -> Array: ...
+
     def _normalize_batch(self, x_m, unit, mask, feature_axes, training, scale, bias, running):
         return self._batch_norm(x_m, unit, mask, feature_axes, training, scale, bias, running)
 
+
+_CALL_DOC = """Call the layer as ``layer(x, mask=None, *, use_running_average=None, scale=None, bias=None)``
+    (brainstate's ``Module.__call__`` runs :meth:`update`): ``x`` has shape
+    ``(*batch, *in_size)`` with any number of batch axes, ``mask`` marks the
+    valid entries, ``use_running_average`` picks the mode of this call, and
+    ``scale``/``bias`` are call-time affine values for a layer built without
+    its own."""
+
+# The options every batch-statistics layer shares, after ``in_size`` and ``feature_axis``; each in its own words,
+# rendered on every page that lists them (BatchNorm0d-3d and BatchRenorm).
+_SHARED_PARAMETERS = r"""track_running_stats : bool
+        Keep running statistics (mean, variance, batch counter) and use them
+        in evaluation. False: batch statistics in training and evaluation
+        alike, nothing stored. Default True.
+    epsilon : float or Quantity
+        Positive constant added to the variance before the square root, in
+        the squared unit of the statistics for Quantity inputs. Default 1e-5.
+    momentum : float, array or None
+        Weight of the old running value in the update ``running = momentum *
+        running + (1 - momentum) * batch`` (PyTorch's momentum is ``1 -
+        momentum`` here), in [0, 1]. An array gives one value per channel and
+        must broadcast to the feature shape. None: the cumulative average of
+        every batch seen, as PyTorch's ``momentum=None``. Default 0.99.
+    affine : bool
+        brainstate's switch for both trainable affine parameters, the gain
+        :math:`\gamma` and the offset :math:`\beta`. Default True.
+    use_scale : bool, optional
+        Own a trainable gain :math:`\gamma` or not, overriding ``affine`` for
+        the gain alone; None follows ``affine``.
+    use_bias : bool, optional
+        Own a trainable offset :math:`\beta` or not, overriding ``affine`` for
+        the offset alone; None follows ``affine``.
+    bias_initializer : initializer, array or None
+        Initial offset (brainstate's keyword): a ``braintools.init``
+        initializer, any callable taking the shape, or an array. None: zeros.
+    scale_initializer : initializer, array or None
+        Initial gain (brainstate's keyword), in the same forms. None: ones.
+    bias_init : initializer, array or None
+        flax's spelling of ``bias_initializer``; give at most one of the two.
+    scale_init : initializer, array or None
+        flax's spelling of ``scale_initializer``; give at most one of the two.
+    axis_name : hashable or tuple of hashable, optional
+        Name of a mapped axis (``vmap``, ``pmap``, ``shard_map``) whose
+        members pool their statistics exactly: sums and valid counts are
+        combined across it, so unequal masks are weighted correctly.
+    axis_index_groups : sequence of sequence of int, optional
+        Subgroups of ``axis_name``'s members that pool separately; needs
+        ``axis_name``.
+    use_fast_variance : bool
+        Use the one-pass :math:`\mathrm{E}[x^2] - \mathrm{E}[x]^2` (flax and
+        brainstate's formula) instead of the robust shifted two-pass.
+        Default False.
+    unbiased_running_var : bool
+        Fold the unbiased batch variance, times ``n / (n - 1)``, into the
+        running variance, as PyTorch does; the normalization itself always
+        uses the biased variance. Default False.
+    use_running_average : bool, optional
+        A fixed mode for every call: True evaluates with the running
+        statistics, False trains. None: decided per call by ``update``'s
+        argument, then ``brainstate.environ`` key ``fit``, else training.
+    name : str, optional
+        Module name reported by brainstate.
+    dtype : dtype, optional
+        Dtype of the output; default the input's floating dtype.
+    param_dtype : dtype, optional
+        Dtype of the parameters and running statistics; default
+        ``brainstate.environ.dftype()``.
+    param_type : type
+        ``brainstate.ParamState`` subclass holding ``{'scale', 'bias'}`` as
+        :attr:`weight`. Default :class:`NormalizationParamState`.
+    mean_type : type
+        ``brainstate.State`` subclass, not a ``ParamState``, holding the
+        running statistics. Default ``brainstate.ShortTermState``.
+    unit : brainunit.Unit, optional
+        Unit of the running mean (the variance takes its square), declared up
+        front for layers that first see Quantities inside ``jit``. Without it,
+        the first eager training call with a Quantity sets the unit."""
+
+_SHARED_ATTRIBUTES = """weight : NormalizationParamState
+        Trainable ``{'scale': ..., 'bias': ...}`` (the entries enabled), of the
+        feature shape: ``in_size`` with 1 at the non-feature axes. None when
+        neither a scale nor a bias is learned.
+    running_mean : brainstate.ShortTermState
+        Running mean, of the feature shape; a Quantity once the layer has a
+        unit (input in another compatible unit is converted to it; an
+        incompatible or missing unit raises and writes nothing). None when
+        ``track_running_stats=False``.
+    running_var : brainstate.ShortTermState
+        Running variance, of the feature shape, in the squared unit. None
+        when ``track_running_stats=False``.
+    num_batches_tracked : brainstate.ShortTermState
+        Number of training steps taken (an int32 scalar)."""
 
 _BATCH_NORM_DOC = r"""{rank} batch normalization (Ioffe and Szegedy, 2015).
 
@@ -147,65 +292,20 @@ _BATCH_NORM_DOC = r"""{rank} batch normalization (Ioffe and Szegedy, 2015).
     constructor's ``use_running_average``, then ``brainstate.environ`` key
     ``fit`` (True: training), else training.
 
+    {call}
+
     Parameters
     ----------
     in_size : int or sequence of int
         Per-sample shape without batch axes, {in_rank} entries ({layout}).
     feature_axis : int or sequence of int
-        Channel axis counted within ``in_size`` (``0``: channels first).
-    track_running_stats : bool
-        Keep running statistics. False: batch statistics in training and eval.
-    epsilon : float
-        Added to the variance. Default 1e-5.
-    momentum : float, array or None
-        Weight of the old running value, in [0, 1]. An array gives one value
-        per channel: it must broadcast to the feature shape (``in_size`` with 1
-        at the non-feature axes). None: cumulative average of every batch seen
-        (PyTorch ``momentum=None``), counted by ``num_batches_tracked``.
-    affine : bool
-        Learn ``scale`` and ``bias`` (brainstate keyword); ``use_scale`` and
-        ``use_bias`` override it per parameter.
-    scale_initializer, bias_initializer : callable or array
-        Initial scale (default 1) and bias (default 0); ``scale_init`` and
-        ``bias_init`` are accepted as flax-style aliases.
-    axis_name, axis_index_groups : optional
-        Mapped axis (``vmap``/``pmap``/``shard_map``) to compute statistics
-        over as well, exactly (sums and valid counts are combined).
-    use_fast_variance : bool
-        One-pass variance (flax parity); default False (robust shifted
-        two-pass).
-    unbiased_running_var : bool
-        Update the running variance with the unbiased ``n / (n - 1)`` batch
-        variance (PyTorch). Normalization always uses the biased one.
-    use_running_average : bool, optional
-        Fixed mode (True: evaluation).
-    dtype : dtype, optional
-        Output dtype (default: the input's floating dtype).
-    param_dtype : dtype, optional
-        Dtype of parameters and running statistics (default
-        ``brainstate.environ.dftype()``).
-    param_type : type
-        State class of the parameters (``self.weight``, a dict with
-        ``'scale'`` and ``'bias'``).
-    mean_type : type
-        State class of the running statistics (a ``ShortTermState`` by
-        default; must not be a ``ParamState``).
-    unit : brainunit.Unit, optional
-        Unit of the running mean (the variance gets its square), for layers
-        that first see Quantities inside ``jit``. Without it, the first eager
-        training call with a Quantity input sets the unit.
-    name : str, optional
+        Channel axis counted within ``in_size`` (``0``: channels first);
+        statistics and parameters are per position along it. Default ``-1``.
+    {shared}
 
     Attributes
     ----------
-    weight : NormalizationParamState or None
-    running_mean, running_var : brainstate.ShortTermState
-        Shape of ``in_size`` with 1 at non-feature axes; Quantities once the
-        layer has a unit (input in a compatible unit is converted to it, so
-        the same data in V and mV normalize identically; an incompatible or
-        missing unit raises and writes nothing).
-    num_batches_tracked : brainstate.ShortTermState
-        Number of training steps taken.
+    {attributes}
 
     Raises
     ------
@@ -243,6 +343,9 @@ def _doc(name, dims, layout, example_size, example_numel):
         name=name,
         example_size=example_size,
         example_numel=example_numel,
+        call=_CALL_DOC,
+        shared=_SHARED_PARAMETERS,
+        attributes=_SHARED_ATTRIBUTES,
     )
 
 
@@ -266,8 +369,7 @@ class BatchNorm3d(_BatchNorm):
     num_spatial_dims = 3
 
 
-class BatchRenorm(_BatchNorm):
-    r"""Batch renormalization (Ioffe, 2017) for any rank of ``in_size``.
+_BATCH_RENORM_DOC = r"""Batch renormalization (Ioffe, 2017) for any rank of ``in_size``.
 
     In training, with the batch statistics :math:`\mu_B, \sigma_B^2`,
     :math:`s_B = \sqrt{\sigma_B^2 + \epsilon}` and
@@ -286,6 +388,8 @@ class BatchRenorm(_BatchNorm):
     updated as in :class:`BatchNorm1d`; evaluation normalizes with them.
     Channels without a valid entry normalize to the bias.
 
+    {call}
+
     One class for every rank (``in_size`` of 1 to 4 entries, channels last by
     default), with every option of the BatchNorm layers (masks,
     ``axis_name``, units, ``unbiased_running_var``, ``momentum=None``, ...).
@@ -293,7 +397,7 @@ class BatchRenorm(_BatchNorm):
     torchrl_momentum`` and ``unbiased_running_var=True`` during torchrl's
     first ``2 * warmup_steps`` steps; torchrl's warm-up factor
     ``num_batches_tracked // warmup_steps`` keeps growing after that (its
-    counter is never clamped) and scales the correction by 2, 3, ... here it
+    counter is never clamped) and scales the correction by 2, 3, ...; here it
     stays 1.
 
     Parameters
@@ -302,15 +406,22 @@ class BatchRenorm(_BatchNorm):
         Per-sample shape without batch axes: ``(C,)``, ``(L, C)``, ``(H, W, C)``
         or ``(D, H, W, C)``.
     feature_axis : int or sequence of int
-        Channel axis counted within ``in_size``.
+        Channel axis counted within ``in_size`` (``0``: channels first);
+        statistics and parameters are per position along it. Default ``-1``.
     r_max : float
-        Largest correction of the scale, ``>= 1`` (``r`` in ``[1/r_max, r_max]``).
+        Largest correction of the scale, ``>= 1``: ``r`` is clipped to
+        ``[1/r_max, r_max]``. Default 3.
     d_max : float
-        Largest correction of the shift, ``>= 0``.
+        Largest correction of the shift, ``>= 0``: ``d`` is clipped to
+        ``[-d_max, d_max]``. Default 5.
     warmup_steps : int
-        Training steps of plain batch normalization before the correction.
-    momentum, epsilon, affine, use_scale, use_bias, scale_init, bias_init, ...
-        As in :class:`BatchNorm1d` (default ``momentum=0.99``, ``epsilon=1e-5``).
+        Number of training steps of plain batch normalization (``r = 1``,
+        ``d = 0``) before the corrections start. Default 0.
+    {shared}
+
+    Attributes
+    ----------
+    {attributes}
 
     References
     ----------
@@ -327,38 +438,46 @@ class BatchRenorm(_BatchNorm):
     ((4, 3), 1)
     """
 
+
+class BatchRenorm(_BatchNorm):
+    __doc__ = (
+        _BATCH_RENORM_DOC.replace("{call}", _CALL_DOC)
+        .replace("{shared}", _SHARED_PARAMETERS)
+        .replace("{attributes}", _SHARED_ATTRIBUTES)
+    )
+
     num_spatial_dims = None
 
     def __init__(
         self,
-        in_size,
-        feature_axis=-1,
+        in_size: Size,
+        feature_axis: Axes = -1,
         *,
-        r_max=3.0,
-        d_max=5.0,
+        r_max: float = 3.0,
+        d_max: float = 5.0,
         warmup_steps: int = 0,
         track_running_stats: bool = True,
-        epsilon=1e-5,
-        momentum=0.99,
+        epsilon: Epsilon = 1e-5,
+        momentum: Momentum | None = 0.99,
         affine: bool = True,
-        use_scale=None,
-        use_bias=None,
-        bias_initializer=None,
-        scale_initializer=None,
-        bias_init=None,
-        scale_init=None,
-        axis_name=None,
-        axis_index_groups=None,
+        use_scale: bool | None = None,
+        use_bias: bool | None = None,
+        bias_initializer: Initializer | None = None,
+        scale_initializer: Initializer | None = None,
+        bias_init: Initializer | None = None,
+        scale_init: Initializer | None = None,
+        axis_name: AxisName | None = None,
+        axis_index_groups: AxisIndexGroups | None = None,
         use_fast_variance: bool = False,
         unbiased_running_var: bool = False,
-        use_running_average=None,
-        name=None,
-        dtype=None,
-        param_dtype=None,
-        param_type=NormalizationParamState,
-        mean_type=brainstate.ShortTermState,
-        unit=None,
-    ):
+        use_running_average: bool | None = None,
+        name: str | None = None,
+        dtype: DTypeLike | None = None,
+        param_dtype: DTypeLike | None = None,
+        param_type: type[NormalizationParamState] = NormalizationParamState,
+        mean_type: StateType = brainstate.ShortTermState,
+        unit: Unit | None = None,
+    ) -> None:
         super().__init__(
             in_size,
             feature_axis,

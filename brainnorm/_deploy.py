@@ -15,6 +15,8 @@ removed before a network is deployed, for example on neuromorphic hardware:
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 import brainstate
 import brainunit as u
 import jax
@@ -22,7 +24,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import _units
+from ._batch_norm import BatchNorm0d, BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchRenorm
 from ._temporal import ThresholdDependentBatchNorm
+from ._typing import Array, Output, Value
 
 __all__ = ["fold_batch_norm", "fold_threshold"]
 
@@ -79,7 +83,12 @@ def _with_unit(value, unit):
     return u.Quantity(value, unit=unit)
 
 
-def fold_batch_norm(layer, norm):
+_Layer = TypeVar("_Layer", bound=brainstate.nn.Module)
+#: The layers whose evaluation-mode affine map can be folded.
+FoldableNorm = BatchNorm0d | BatchNorm1d | BatchNorm2d | BatchNorm3d | BatchRenorm | ThresholdDependentBatchNorm
+
+
+def fold_batch_norm(layer: _Layer, norm: FoldableNorm) -> _Layer:
     r"""A new layer equal to ``norm(layer(x))`` with ``norm`` in evaluation mode.
 
     For a ``brainstate.nn.Linear`` or ``Conv1d/2d/3d`` followed by a
@@ -106,7 +115,8 @@ def fold_batch_norm(layer, norm):
 
     Returns
     -------
-    A layer of the class of ``layer``.
+    brainstate.nn.Module
+        A new layer of the class of ``layer``.
 
     Raises
     ------
@@ -128,6 +138,11 @@ def fold_batch_norm(layer, norm):
     >>> bool(jnp.allclose(folded(x), bn(fc(x), use_running_average=True), atol=1e-5))
     True
     """
+    return _fold_batch_norm(layer, norm)
+
+
+def _fold_batch_norm(layer, norm):
+    """:func:`fold_batch_norm` on untyped arguments (brainstate types a layer's sizes loosely)."""
     owner = "fold_batch_norm"
     if isinstance(layer, brainstate.nn.Linear):
         out_size = tuple(layer.out_size)
@@ -222,7 +237,7 @@ def _check_threshold(owner, v_th, dtype):
     return jnp.asarray(cast)
 
 
-def fold_threshold(norm, v_th):
+def fold_threshold(norm: FoldableNorm, v_th: Value) -> tuple[Output, Array]:
     r"""Per-channel thresholds that fold a membrane-potential normalization (MPBN) away.
 
     MPBN (Guo et al., ICCV 2023) normalizes the membrane potential ``u``
@@ -253,10 +268,10 @@ def fold_threshold(norm, v_th):
 
     Returns
     -------
-    threshold : Array or Quantity
+    threshold : jax.Array or Quantity
         In the unit of the running statistics (e.g. mV), of the norm's
         feature shape (``in_size`` with 1 at non-feature axes).
-    sign : Array
+    sign : jax.Array
         +1 or -1, same shape.
 
     Raises

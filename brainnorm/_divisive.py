@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import math
 import numbers
+from typing import TYPE_CHECKING
 
 import brainstate
 import brainunit as u
@@ -22,6 +23,7 @@ from . import _divisive_functional as DF
 from . import _units
 from ._base import _check_state_type, _Normalization
 from ._states import NormalizationParamState
+from ._typing import ArrayLike, DTypeLike, Input, Output, Size, Value
 from ._validation import (
     canonical_in_size,
     check_dtype,
@@ -192,9 +194,11 @@ class DivisiveNormalization(_DivisiveOptions):
     in_size : int or sequence of int
         Per-sample shape without batch axes.
     feature_axis : int
-        Channel axis within ``in_size`` (the pool runs over it).
+        Channel axis within ``in_size`` (the pool runs over it). Default
+        ``-1``.
     exponent : float
-        :math:`n > 0`.
+        The exponent :math:`n > 0` applied to the input magnitude in the
+        numerator and in the pool. Default 2.
     sigma : float, array_like or Quantity
         Semi-saturation constant, positive, a scalar or one value per channel,
         in the unit of the input (a plain number is read in it).
@@ -212,16 +216,19 @@ class DivisiveNormalization(_DivisiveOptions):
         ``sigma_min``) and ``'gain'``; units stay on the layer
         (``sigma_unit``, ``gain_unit``).
     sigma_min : float
-        Lower bound of a learned ``sigma`` (in its unit).
+        Lower bound of a learned ``sigma`` (in its unit). Default 1e-6.
     reparam_offset : float
-        Offset of the nonnegative reparameterization (CompressAI's default).
+        Offset of the nonnegative reparameterization (CompressAI's default,
+        ``2 ** -18``).
     dtype : dtype, optional
         Output dtype; default the input's floating dtype.
     param_dtype : dtype, optional
         Dtype of learned parameters (default ``brainstate.environ.dftype()``).
     param_type : type
-        State class of the learned parameters.
+        ``brainstate.ParamState`` subclass holding the learned parameters as
+        :attr:`weight`. Default :class:`NormalizationParamState`.
     name : str, optional
+        Module name reported by brainstate.
 
     Raises
     ------
@@ -249,27 +256,29 @@ class DivisiveNormalization(_DivisiveOptions):
     [50.0, 90.0]
     """
 
+    weight: NormalizationParamState | None
+
     def __init__(
         self,
-        in_size,
+        in_size: Size,
         feature_axis: int = -1,
         *,
         exponent: float = 2.0,
-        sigma=1.0,
-        gain=1.0,
-        weights=None,
+        sigma: Value = 1.0,
+        gain: Value = 1.0,
+        weights: ArrayLike | None = None,
         learnable: bool = False,
         sigma_min: float = 1e-6,
         reparam_offset: float = 2.0**-18,
-        dtype=None,
-        param_dtype=None,
-        param_type=NormalizationParamState,
-        name=None,
-    ):
+        dtype: DTypeLike | None = None,
+        param_dtype: DTypeLike | None = None,
+        param_type: type[NormalizationParamState] = NormalizationParamState,
+        name: str | None = None,
+    ) -> None:
         super().__init__(_check_in_size(type(self).__name__, in_size), name=name)
         owner = self._owner
         self._setup_channels(feature_axis)
-        sigma_m, gain_m, weights = self._setup_divisive(exponent, sigma, gain, weights)
+        sigma_m, gain_m, pool = self._setup_divisive(exponent, sigma, gain, weights)
         self.learnable = bool(check_flag(owner, "learnable", learnable))
         self.dtype = check_dtype(owner, "dtype", dtype)
         self.param_dtype = check_dtype(owner, "param_dtype", param_dtype, parameter=True)
@@ -285,11 +294,11 @@ class DivisiveNormalization(_DivisiveOptions):
                     f"got {np.asarray(sigma_m)!r}."
                 )
             _check_state_type(owner, "param_type", param_type, trainable=True)
-            for option, value in (("sigma", sigma_m), ("gain", gain_m), ("weights", weights)):
+            for option, value in (("sigma", sigma_m), ("gain", gain_m), ("weights", pool)):
                 _check_fits(owner, option, value, dtype_p)
             self.weight = param_type(
                 {
-                    "weights": self._weights_reparam.raw(weights.astype(dtype_p)),
+                    "weights": self._weights_reparam.raw(pool.astype(dtype_p)),
                     "sigma": self._sigma_reparam.raw(sigma_m.astype(dtype_p)),
                     "gain": gain_m.astype(dtype_p),
                 }
@@ -297,7 +306,7 @@ class DivisiveNormalization(_DivisiveOptions):
             self._constants = None
         else:
             self.weight = None
-            self._constants = (sigma_m, gain_m, weights)
+            self._constants = (sigma_m, gain_m, pool)
 
     @property
     def sigma(self):
@@ -315,8 +324,12 @@ class DivisiveNormalization(_DivisiveOptions):
         """The nonnegative ``(C, C)`` pool in use (reparameterized when learned)."""
         return self._weights_reparam.value(self.weight.value["weights"]) if self.learnable else self._constants[2]
 
-    def update(self, x, mask=None):
-        """Normalize ``x`` of shape ``(*batch, *in_size)``.
+    if TYPE_CHECKING:  # brainstate's Module.__call__ (untyped) forwards to update: its types, for checkers
+
+        def __call__(self, x: Input, mask: ArrayLike | None = None) -> Output: ...
+
+    def update(self, x: Input, mask: ArrayLike | None = None) -> Output:
+        """Normalize ``x`` of shape ``(*batch, *in_size)``; ``layer(x, ...)`` calls this.
 
         Parameters
         ----------
@@ -328,7 +341,7 @@ class DivisiveNormalization(_DivisiveOptions):
 
         Returns
         -------
-        Array or Quantity
+        jax.Array or Quantity
             Same shape as ``x``, in the unit of ``gain``.
         """
         x_m, unit, mask = self._prepare_real_input(x, mask)
@@ -373,21 +386,26 @@ class GDN(_ChannelLayer):
     in_size : int or sequence of int
         Per-sample shape without batch axes (e.g. ``(H, W, C)``).
     feature_axis : int
-        Channel axis within ``in_size``.
+        Channel axis within ``in_size``, the one the pool runs over. Default
+        ``-1``.
     inverse : bool
-        IGDN: multiply by the norm instead of dividing.
+        IGDN: multiply by the norm instead of dividing. Default False.
     beta_min : float
-        Positive lower bound of ``beta``.
+        Positive lower bound of ``beta``. Default 1e-6.
     gamma_init : float
-        Nonnegative diagonal of the initial ``gamma``.
+        Nonnegative diagonal of the initial ``gamma``. Default 0.1.
     reparam_offset : float
         Offset of the reparameterization (CompressAI: ``2 ** -18``).
     dtype : dtype, optional
         Output dtype; default the input's floating dtype.
     param_dtype : dtype, optional
+        Dtype of ``beta`` and ``gamma``; default
+        ``brainstate.environ.dftype()``.
     param_type : type
-        State class of ``self.weight``.
+        ``brainstate.ParamState`` subclass holding ``{'beta', 'gamma'}`` as
+        :attr:`weight`. Default :class:`NormalizationParamState`.
     name : str, optional
+        Module name reported by brainstate.
 
     Notes
     -----
@@ -419,18 +437,18 @@ class GDN(_ChannelLayer):
 
     def __init__(
         self,
-        in_size,
+        in_size: Size,
         feature_axis: int = -1,
         *,
         inverse: bool = False,
         beta_min: float = 1e-6,
         gamma_init: float = 0.1,
         reparam_offset: float = 2.0**-18,
-        dtype=None,
-        param_dtype=None,
-        param_type=NormalizationParamState,
-        name=None,
-    ):
+        dtype: DTypeLike | None = None,
+        param_dtype: DTypeLike | None = None,
+        param_type: type[NormalizationParamState] = NormalizationParamState,
+        name: str | None = None,
+    ) -> None:
         super().__init__(_check_in_size(type(self).__name__, in_size), name=name)
         owner = self._owner
         self._setup_channels(feature_axis)
@@ -468,18 +486,25 @@ class GDN(_ChannelLayer):
         """``(C, C)`` nonnegative values of gamma in use; ``gamma[i, j]`` weighs channel ``j`` into ``i``."""
         return self._gamma_reparam.value(self.weight.value["gamma"])
 
-    def update(self, x, mask=None):
-        """Normalize ``x`` of shape ``(*batch, *in_size)``.
+    if TYPE_CHECKING:  # brainstate's Module.__call__ (untyped) forwards to update: its types, for checkers
+
+        def __call__(self, x: Input, mask: ArrayLike | None = None) -> Output: ...
+
+    def update(self, x: Input, mask: ArrayLike | None = None) -> Output:
+        """Normalize ``x`` of shape ``(*batch, *in_size)``; ``layer(x, ...)`` calls this.
 
         Parameters
         ----------
         x : array_like or Quantity
+            Input whose trailing axes are ``in_size``; every leading axis is a
+            batch axis.
         mask : array_like of bool, optional
             Masked-out positions are left out of every pool; their output is 0.
 
         Returns
         -------
-        Array or Quantity
+        jax.Array or Quantity
+            Same shape as ``x``, in its unit.
         """
         x_m, unit, mask = self._prepare_real_input(x, mask)
         return DF._gdn(
@@ -585,7 +610,8 @@ class DynamicDivisiveNormalization(_DivisiveOptions):
     in_size : int or sequence of int
         Per-sample shape without batch axes.
     feature_axis : int
-        Channel axis within ``in_size``.
+        Channel axis within ``in_size``, the one the pool runs over. Default
+        ``-1``.
     tau : Quantity
         Membrane time constant :math:`\tau` (time, positive), e.g.
         ``10 * u.ms``.
@@ -593,11 +619,23 @@ class DynamicDivisiveNormalization(_DivisiveOptions):
         Time constant :math:`\tau_p` of the normalization conductance
         (nonnegative; ``0 * u.ms`` makes the conductance follow the pool
         instantly).
-    exponent, sigma, gain, weights
-        As in :class:`DivisiveNormalization`.
+    exponent : float
+        The exponent :math:`n > 0` of the drive in the target and the pool.
+        Default 2.
+    sigma : float, array_like or Quantity
+        Semi-saturation constant, positive, a scalar or one value per
+        channel, in the unit of the input (a plain number is read in it).
+        Default 1.
+    gain : float, array_like or Quantity
+        Gain of the response, a scalar or one value per channel; the response
+        has its unit. Default 1.
+    weights : array_like, optional
+        Nonnegative ``(C, C)`` pool, row ``i`` for channel ``i``; default
+        uniform ``1 / C``.
     dtype : dtype, optional
         Dtype of the states (default ``brainstate.environ.dftype()``).
     name : str, optional
+        Module name reported by brainstate.
 
     Notes
     -----
@@ -633,18 +671,18 @@ class DynamicDivisiveNormalization(_DivisiveOptions):
 
     def __init__(
         self,
-        in_size,
+        in_size: Size,
         feature_axis: int = -1,
         *,
-        tau=10.0 * u.ms,  # type: ignore[attr-defined]  # brainunit creates its unit names at import
-        tau_pool=20.0 * u.ms,  # type: ignore[attr-defined]
+        tau: Value = 10.0 * u.ms,  # type: ignore[attr-defined]  # brainunit creates its unit names at import
+        tau_pool: Value = 20.0 * u.ms,  # type: ignore[attr-defined]
         exponent: float = 2.0,
-        sigma=1.0,
-        gain=1.0,
-        weights=None,
-        dtype=None,
-        name=None,
-    ):
+        sigma: Value = 1.0,
+        gain: Value = 1.0,
+        weights: ArrayLike | None = None,
+        dtype: DTypeLike | None = None,
+        name: str | None = None,
+    ) -> None:
         super().__init__(_check_in_size(type(self).__name__, in_size), name=name)
         owner = self._owner
         self._setup_channels(feature_axis)
@@ -714,8 +752,12 @@ class DynamicDivisiveNormalization(_DivisiveOptions):
         pool_decay = jnp.exp(-jnp.asarray(dt_ms) * pool_rate) if pool_rate else jnp.zeros(())
         return membrane_step, pool_decay
 
-    def update(self, x, mask=None):
-        """Advance the circuit by one step ``dt`` with input ``x``; return the response.
+    if TYPE_CHECKING:  # brainstate's Module.__call__ (untyped) forwards to update: its types, for checkers
+
+        def __call__(self, x: Input, mask: ArrayLike | None = None) -> Output: ...
+
+    def update(self, x: Input, mask: ArrayLike | None = None) -> Output:
+        """Advance the circuit by one step ``dt`` with input ``x``; return the response (``layer(x, ...)``).
 
         Parameters
         ----------
@@ -728,7 +770,7 @@ class DynamicDivisiveNormalization(_DivisiveOptions):
 
         Returns
         -------
-        Array or Quantity
+        jax.Array or Quantity
             The response :math:`R` after the step, in the unit of ``gain``.
         """
         owner = self._owner

@@ -41,6 +41,7 @@ import numpy as np
 
 from . import _units
 from ._stats import _magnitude_scale, output_dtype
+from ._typing import ArrayLike, DTypeLike, Input, Output, Value
 from ._validation import (
     canonical_axes,
     check_dtype,
@@ -282,16 +283,16 @@ def _masked(x, mask):
 
 
 def divisive_normalization(
-    x,
+    x: Input,
     *,
     exponent: float = 2.0,
-    sigma=1.0,
-    gain=1.0,
-    weights=None,
+    sigma: Value = 1.0,
+    gain: Value = 1.0,
+    weights: ArrayLike | None = None,
     feature_axis: int = -1,
-    mask=None,
-    dtype=None,
-):
+    mask: ArrayLike | None = None,
+    dtype: DTypeLike | None = None,
+) -> Output:
     r"""Divisive normalization over the feature axis (Heeger 1992; Carandini & Heeger 2012).
 
     .. math::
@@ -509,7 +510,16 @@ def _scaled_terms(owner, x, exponent, sigma, weights, feature_axis, mask, dtype=
     return x_m, axis, mask, _signed_power(x_s, exponent), sigma_n, pool
 
 
-def gdn(x, beta, gamma, *, inverse: bool = False, feature_axis: int = -1, mask=None, dtype=None):
+def gdn(
+    x: Input,
+    beta: ArrayLike,
+    gamma: ArrayLike,
+    *,
+    inverse: bool = False,
+    feature_axis: int = -1,
+    mask: ArrayLike | None = None,
+    dtype: DTypeLike | None = None,
+) -> Output:
     r"""Generalized divisive normalization (Ballé, Laparra & Simoncelli, 2016) and its inverse.
 
     .. math::

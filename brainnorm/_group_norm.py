@@ -2,12 +2,29 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import brainstate
 
 from . import _units
 from . import functional as F
-from ._base import _affine_values, _Normalization, _pick, _RunningStatistics
+from ._base import _affine_values, _default_init, _Normalization, _pick, _RunningStatistics
 from ._states import NormalizationParamState
+from ._typing import (
+    Array,
+    ArrayLike,
+    Axes,
+    AxisIndexGroups,
+    AxisName,
+    DTypeLike,
+    Epsilon,
+    Initializer,
+    Input,
+    Momentum,
+    Size,
+    StateType,
+    Unit,
+)
 from ._validation import check_epsilon, check_flag, check_groups
 
 __all__ = ["GroupNorm", "InstanceNorm"]
@@ -30,30 +47,64 @@ class GroupNorm(_Normalization):
     the statistics along axis 1, which is wrong for such inputs). Equal to
     PyTorch ``GroupNorm`` after moving channels.
 
+    The first four parameters are positional in brainstate's order,
+    ``GroupNorm(in_size, feature_axis, num_groups, group_size)``. Call the
+    layer as ``layer(x, mask=None, *, scale=None, bias=None)`` (see
+    :meth:`update`).
+
     Parameters
     ----------
     in_size : int or sequence of int
         Per-sample shape without batch axes, of any rank (e.g. ``(H, W, C)``).
     feature_axis : int
-        Channel axis counted within ``in_size``.
+        Channel axis counted within ``in_size``, the one split into groups.
+        Default ``-1``.
     num_groups : int or None
-        Number of groups; must divide the channels. Pass None to give
-        ``group_size`` instead.
-    group_size : int, optional
-        Channels per group.
+        Number of channel groups; must divide the number of channels. None
+        when the groups are given by ``group_size`` instead. Default 32.
+    group_size : int or None
+        Number of channels per group, the alternative to ``num_groups`` (give
+        exactly one of the two). Default None.
     epsilon : float or Quantity
-        Default 1e-6.
-    use_bias, use_scale : bool
-    bias_init, scale_init : callable or array
+        Positive constant added to each group's variance before the square
+        root. Default 1e-6.
+    use_bias : bool
+        Whether the layer owns a trainable per-channel offset :math:`\beta`.
+        Default True.
+    use_scale : bool
+        Whether the layer owns a trainable per-channel gain :math:`\gamma`.
+        Default True.
+    bias_init : initializer, array or None
+        Initial offset: a ``braintools.init`` initializer, any callable taking
+        the shape, or an array. None: zeros.
+    scale_init : initializer, array or None
+        Initial gain, in the same forms. None: ones.
     reduction_axes : int or sequence of int, optional
-        Axes of ``in_size`` to reduce; must include ``feature_axis``. Default:
-        all of them.
-    axis_name, axis_index_groups : optional
+        Axes of ``in_size`` each group's statistics run over; must include
+        ``feature_axis``. None: every axis of ``in_size``.
+    axis_name : hashable or tuple of hashable, optional
+        Name of a mapped axis whose members pool their group statistics.
+    axis_index_groups : sequence of sequence of int, optional
+        Subgroups of ``axis_name``'s members that pool separately.
     use_fast_variance : bool
-    dtype, param_dtype : dtype, optional
+        Use the one-pass :math:`\mathrm{E}[x^2] - \mathrm{E}[x]^2` (flax and
+        brainstate's formula) instead of the robust shifted two-pass.
+        Default False.
+    dtype : dtype, optional
+        Dtype of the output; default the input's floating dtype.
+    param_dtype : dtype, optional
+        Dtype of scale and bias; default ``brainstate.environ.dftype()``.
     param_type : type
-        State class of ``self.weight``.
+        ``brainstate.ParamState`` subclass holding ``{'scale', 'bias'}`` as
+        :attr:`weight`. Default :class:`NormalizationParamState`.
     name : str, optional
+        Module name reported by brainstate.
+
+    Attributes
+    ----------
+    weight : NormalizationParamState
+        Trainable ``{'scale': ..., 'bias': ...}`` with one entry per channel;
+        None when neither is learned.
 
     Raises
     ------
@@ -74,27 +125,29 @@ class GroupNorm(_Normalization):
     (3, 5, 4)
     """
 
+    weight: NormalizationParamState
+
     def __init__(
         self,
-        in_size,
-        feature_axis=-1,
-        num_groups=32,
+        in_size: Size,
+        feature_axis: int = -1,
+        num_groups: int | None = 32,
+        group_size: int | None = None,
         *,
-        group_size=None,
-        epsilon=1e-6,
+        epsilon: Epsilon = 1e-6,
         use_bias: bool = True,
         use_scale: bool = True,
-        bias_init=brainstate.nn.init.ZeroInit(),
-        scale_init=brainstate.nn.init.Constant(1.0),
-        reduction_axes=None,
-        axis_name=None,
-        axis_index_groups=None,
+        bias_init: Initializer | None = None,
+        scale_init: Initializer | None = None,
+        reduction_axes: Axes | None = None,
+        axis_name: AxisName | None = None,
+        axis_index_groups: AxisIndexGroups | None = None,
         use_fast_variance: bool = False,
-        dtype=None,
-        param_dtype=None,
-        param_type=NormalizationParamState,
-        name=None,
-    ):
+        dtype: DTypeLike | None = None,
+        param_dtype: DTypeLike | None = None,
+        param_type: type[NormalizationParamState] = NormalizationParamState,
+        name: str | None = None,
+    ) -> None:
         super().__init__(in_size, name=name)
         owner = self._owner
         feature = self._sample_axes("feature_axis", feature_axis)
@@ -122,8 +175,8 @@ class GroupNorm(_Normalization):
         )
         self.use_bias = check_flag(owner, "use_bias", use_bias)
         self.use_scale = check_flag(owner, "use_scale", use_scale)
-        self.bias_init = bias_init
-        self.scale_init = scale_init
+        self.bias_init = bias_init = _default_init(bias_init, 0.0)
+        self.scale_init = scale_init = _default_init(scale_init, 1.0)
         self.weight = self._affine_state(
             self._feature_shape(self.feature_axes),
             use_scale=self.use_scale,
@@ -134,28 +187,37 @@ class GroupNorm(_Normalization):
             param_type=param_type,
         )
 
-    def update(self, x, mask=None, *, scale=None, bias=None):
-        """Normalize ``x`` of shape ``(*batch, *in_size)``.
+    def update(
+        self, x: Input, mask: ArrayLike | None = None, *, scale: Input | None = None, bias: Input | None = None
+    ) -> Array:
+        """Normalize ``x`` of shape ``(*batch, *in_size)``; ``layer(x, ...)`` calls this.
 
         Parameters
         ----------
         x : array_like or Quantity
+            Input whose trailing axes are ``in_size``; every leading axis (zero
+            or more) is a batch axis, each sample normalized on its own.
         mask : array_like of bool, optional
-            Broadcastable to ``x``; a ``(B, T, 1)`` mask works for ``(B, T, C)``.
-        scale, bias : array_like or Quantity, optional
-            Conditional normalization (AdaLN, FiLM): values given at call time,
-            broadcastable to ``x`` (e.g. ``(B, 1, C)`` per sample), used in place
-            of the learned parameter of that kind; only for a layer built
-            without it (``use_scale=False`` / ``use_bias=False``), else
-            ``ValueError``.
+            Valid positions, broadcastable to ``x``; a ``(B, T, 1)`` mask works
+            for ``(B, T, C)``. Masked-out entries are left out of the
+            statistics and still transformed with them.
+        scale : array_like or Quantity, optional
+            Conditional normalization (AdaLN, FiLM): a gain given at call time,
+            broadcastable to ``x`` (e.g. ``(B, 1, C)`` per sample); only for a
+            layer built with ``use_scale=False``, else ``ValueError``.
+        bias : array_like or Quantity, optional
+            An offset given at call time, likewise; only for a layer built
+            with ``use_bias=False``.
 
         Returns
         -------
-        Array
+        jax.Array
+            Same shape as ``x``; dimensionless unless the scale or bias carry
+            units.
         """
         x_m, unit, mask, _ = self._prepare_input(x, mask)
         scale, bias = self._call_affine(x_m.shape, _affine_values(self.weight), scale, bias)
-        n_batch = x_m.ndim - len(self.in_size)
+        n_batch = x_m.ndim - len(self._size)
         return F.group_norm(
             _units.attach(x_m, unit),
             self.num_groups,
@@ -171,6 +233,12 @@ class GroupNorm(_Normalization):
             axis_index_groups=self.axis_index_groups,
             dtype=self.dtype,
         )
+
+    if TYPE_CHECKING:  # brainstate's Module.__call__ (untyped) forwards to update: its types, for checkers
+
+        def __call__(
+            self, x: Input, mask: ArrayLike | None = None, *, scale: Input | None = None, bias: Input | None = None
+        ) -> Array: ...
 
 
 class InstanceNorm(_RunningStatistics, _Normalization):
@@ -190,31 +258,81 @@ class InstanceNorm(_RunningStatistics, _Normalization):
     are as for :class:`BatchNorm1d` (PyTorch's InstanceNorm uses the unbiased
     instance variance: pass ``unbiased_running_var=True`` for parity).
 
+    Call the layer as ``layer(x, mask=None, *, use_running_average=None,
+    scale=None, bias=None)`` (see :meth:`update`).
+
     Parameters
     ----------
     in_size : int or sequence of int
-        Per-sample shape; needs at least one non-feature axis.
+        Per-sample shape without batch axes; needs at least one axis besides
+        the feature axis.
     feature_axis : int or sequence of int
-        Channel axis counted within ``in_size``.
+        Channel axis counted within ``in_size``; each channel of each sample
+        gets its own statistics. Default ``-1``.
     epsilon : float or Quantity
+        Positive constant added to the variance before the square root.
         Default 1e-5.
-    use_scale, use_bias : bool
+    use_scale : bool
+        Whether the layer owns a trainable per-channel gain :math:`\gamma`.
         Default True.
-    scale_init, bias_init : callable or array
+    use_bias : bool
+        Whether the layer owns a trainable per-channel offset :math:`\beta`.
+        Default True.
+    scale_init : initializer, array or None
+        Initial gain: a ``braintools.init`` initializer, any callable taking
+        the shape, or an array. None: ones.
+    bias_init : initializer, array or None
+        Initial offset, in the same forms. None: zeros.
+    scale_initializer : initializer, array or None
+        brainstate's spelling of ``scale_init``; give at most one of the two.
+    bias_initializer : initializer, array or None
+        brainstate's spelling of ``bias_init``; give at most one of the two.
     track_running_stats : bool
-        Default False.
-    momentum : float or None
-        Default 0.99 (flax convention); None: cumulative average.
+        Keep running averages of the instance statistics and normalize with
+        them in evaluation (PyTorch's option). Default False.
+    momentum : float, array or None
+        Weight of the old running value in ``running = momentum * running +
+        (1 - momentum) * batch``, in [0, 1]; None: cumulative average.
+        Default 0.99.
     unbiased_running_var : bool
+        Fold the unbiased instance variance into the running variance
+        (PyTorch's InstanceNorm does). Default False.
     use_running_average : bool, optional
-    axis_name, axis_index_groups : optional
-        Mapped batch axis over which the running statistics are averaged
-        (instance statistics themselves are per sample).
-    dtype, param_dtype : dtype, optional
-    param_type, mean_type : type
+        A fixed mode: True evaluates with the running statistics, False
+        trains; None decides per call.
+    axis_name : hashable or tuple of hashable, optional
+        Name of a mapped batch axis over which the running statistics are
+        averaged (the instance statistics themselves are per sample).
+    axis_index_groups : sequence of sequence of int, optional
+        Subgroups of ``axis_name``'s members that average separately.
+    use_fast_variance : bool
+        Use the one-pass variance formula instead of the robust shifted
+        two-pass. Default False.
+    dtype : dtype, optional
+        Dtype of the output; default the input's floating dtype.
+    param_dtype : dtype, optional
+        Dtype of parameters and running statistics; default
+        ``brainstate.environ.dftype()``.
+    param_type : type
+        ``brainstate.ParamState`` subclass holding ``{'scale', 'bias'}`` as
+        :attr:`weight`. Default :class:`NormalizationParamState`.
+    mean_type : type
+        ``brainstate.State`` subclass, not a ``ParamState``, holding the
+        running statistics. Default ``brainstate.ShortTermState``.
     unit : brainunit.Unit, optional
-        Unit of the running mean (as for :class:`BatchNorm1d`).
+        Unit of the running mean (the variance takes its square), declared up
+        front for layers that first see Quantities inside ``jit``.
     name : str, optional
+        Module name reported by brainstate.
+
+    Attributes
+    ----------
+    weight : NormalizationParamState
+        Trainable ``{'scale': ..., 'bias': ...}``, one entry per channel.
+    running_mean : brainstate.ShortTermState
+        Running mean per channel; None unless ``track_running_stats``.
+    running_var : brainstate.ShortTermState
+        Running variance per channel; None unless ``track_running_stats``.
 
     References
     ----------
@@ -229,32 +347,37 @@ class InstanceNorm(_RunningStatistics, _Normalization):
     [[[-1.0, -1.0], [1.0, 1.0]]]
     """
 
+    weight: NormalizationParamState
+    running_mean: brainstate.ShortTermState
+    running_var: brainstate.ShortTermState
+    num_batches_tracked: brainstate.ShortTermState
+
     def __init__(
         self,
-        in_size,
-        feature_axis=-1,
+        in_size: Size,
+        feature_axis: Axes = -1,
         *,
-        epsilon=1e-5,
+        epsilon: Epsilon = 1e-5,
         use_scale: bool = True,
         use_bias: bool = True,
-        scale_init=None,
-        bias_init=None,
-        scale_initializer=None,
-        bias_initializer=None,
+        scale_init: Initializer | None = None,
+        bias_init: Initializer | None = None,
+        scale_initializer: Initializer | None = None,
+        bias_initializer: Initializer | None = None,
         track_running_stats: bool = False,
-        momentum=0.99,
+        momentum: Momentum | None = 0.99,
         unbiased_running_var: bool = False,
-        use_running_average=None,
-        axis_name=None,
-        axis_index_groups=None,
+        use_running_average: bool | None = None,
+        axis_name: AxisName | None = None,
+        axis_index_groups: AxisIndexGroups | None = None,
         use_fast_variance: bool = False,
-        dtype=None,
-        param_dtype=None,
-        param_type=NormalizationParamState,
-        mean_type=brainstate.ShortTermState,
-        unit=None,
-        name=None,
-    ):
+        dtype: DTypeLike | None = None,
+        param_dtype: DTypeLike | None = None,
+        param_type: type[NormalizationParamState] = NormalizationParamState,
+        mean_type: StateType = brainstate.ShortTermState,
+        unit: Unit | None = None,
+        name: str | None = None,
+    ) -> None:
         super().__init__(in_size, name=name)
         owner = self._owner
         self._setup_statistics(
@@ -293,25 +416,39 @@ class InstanceNorm(_RunningStatistics, _Normalization):
                 f"statistics over, got in_size={self.in_size} with feature_axis={feature_axis!r}."
             )
 
-    def update(self, x, mask=None, *, use_running_average=None, scale=None, bias=None):
-        """Normalize ``x`` of shape ``(*batch, *in_size)``.
+    def update(
+        self,
+        x: Input,
+        mask: ArrayLike | None = None,
+        *,
+        use_running_average: bool | None = None,
+        scale: Input | None = None,
+        bias: Input | None = None,
+    ) -> Array:
+        """Normalize ``x`` of shape ``(*batch, *in_size)``; ``layer(x, ...)`` calls this.
 
         Parameters
         ----------
         x : array_like or Quantity
+            Input whose trailing axes are ``in_size``; every leading axis is a
+            batch axis.
         mask : array_like of bool, optional
+            Valid positions, broadcastable to ``x``.
         use_running_average : bool, optional
-            Only meaningful with ``track_running_stats=True``.
-        scale, bias : array_like or Quantity, optional
-            Conditional normalization (AdaLN, FiLM): values given at call time,
-            broadcastable to ``x`` (e.g. ``(B, 1, C)`` per sample), used in place
-            of the learned parameter of that kind; only for a layer built
-            without it (``use_scale=False`` / ``use_bias=False``), else
-            ``ValueError``.
+            True normalizes with the running statistics, False with the
+            instance statistics (updating the running ones); only meaningful
+            with ``track_running_stats=True``.
+        scale : array_like or Quantity, optional
+            A gain given at call time, broadcastable to ``x``; only for a layer
+            built with ``use_scale=False``, else ``ValueError``.
+        bias : array_like or Quantity, optional
+            An offset given at call time; only for a layer built with
+            ``use_bias=False``.
 
         Returns
         -------
-        Array
+        jax.Array
+            Same shape as ``x``.
         """
         x_m, unit, mask, n_batch = self._prepare_input(x, mask)
         scale, bias = self._call_affine(x_m.shape, _affine_values(self.weight), scale, bias)
@@ -345,3 +482,15 @@ class InstanceNorm(_RunningStatistics, _Normalization):
             self.running_var.value = new_var
             self.num_batches_tracked.value = self.num_batches_tracked.value + 1
         return y
+
+    if TYPE_CHECKING:  # brainstate's Module.__call__ (untyped) forwards to update: its types, for checkers
+
+        def __call__(
+            self,
+            x: Input,
+            mask: ArrayLike | None = None,
+            *,
+            use_running_average: bool | None = None,
+            scale: Input | None = None,
+            bias: Input | None = None,
+        ) -> Array: ...

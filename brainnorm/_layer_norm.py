@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import brainstate
+from typing import TYPE_CHECKING
 
 from . import _units
 from . import functional as F
-from ._base import _affine_values, _Normalization
+from ._base import _affine_values, _default_init, _Normalization
 from ._states import NormalizationParamState
+from ._typing import Array, ArrayLike, Axes, AxisIndexGroups, AxisName, DTypeLike, Epsilon, Initializer, Input, Size
 from ._validation import check_epsilon, check_flag
 
 __all__ = ["LayerNorm", "RMSNorm"]
@@ -50,14 +51,17 @@ class _AxisNorm(_Normalization):
         return F.rms_norm(x, scale, **options)
 
 
-_UPDATE_DOC = """Normalize ``x`` of shape ``(*batch, *in_size)``.
+_UPDATE_DOC = """Normalize ``x`` of shape ``(*batch, *in_size)``; ``layer(x, ...)`` calls this.
 
         Parameters
         ----------
         x : array_like or Quantity
-            Any number of leading batch axes (zero included).
+            Input whose trailing axes are ``in_size``; every leading axis (zero
+            or more) is a batch axis, normalized independently.
         mask : array_like of bool, optional
-            Valid positions, broadcastable to ``x`` (e.g. ``(B, T, 1)``).
+            Valid positions, broadcastable to ``x`` (e.g. ``(B, T, 1)`` for
+            padded sequences). Masked-out positions are left out of the
+            statistics and still transformed with them.
         scale{bias_name} : array_like or Quantity, optional
             Conditional normalization (AdaLN, FiLM): {what} given at call time,
             broadcastable to ``x`` (e.g. ``(B, 1, C)`` per sample), used in place
@@ -66,8 +70,9 @@ _UPDATE_DOC = """Normalize ``x`` of shape ``(*batch, *in_size)``.
 
         Returns
         -------
-        Array
-            Same shape as ``x``; dimensionless unless scale/bias carry units.
+        jax.Array
+            Same shape as ``x``; dimensionless (a plain array) unless the scale
+            or bias carry units, in which case it has theirs.
         """
 
 
@@ -79,34 +84,67 @@ class LayerNorm(_AxisNorm):
         y = \frac{x - \mathrm{E}[x]}{\sqrt{\mathrm{Var}[x] + \epsilon}}\gamma + \beta
 
     with statistics per sample over ``reduction_axes``; flax and brainstate
-    semantics, with the robust shifted two-pass variance by default.
+    semantics, with the robust shifted two-pass variance by default. The
+    first three parameters are positional in brainstate's order,
+    ``LayerNorm(in_size, reduction_axes, feature_axes)``; the rest are
+    keyword-only. Call the layer as ``layer(x, mask=None, *, scale=None,
+    bias=None)`` (see :meth:`update`).
 
     Parameters
     ----------
     in_size : int or sequence of int
-        Per-sample shape without batch axes.
+        Per-sample shape without batch axes (an int ``n`` means ``(n,)``).
     reduction_axes : int or sequence of int
-        Axes of ``in_size`` to normalize over (negative from the end).
+        Axes of ``in_size`` whose entries share one mean and variance per
+        sample (negative counts from the end). Default ``-1``, the last axis.
     feature_axes : int or sequence of int
-        Axes of ``in_size`` that carry their own scale and bias.
+        Axes of ``in_size`` along which scale and bias have one entry per
+        position; the parameters have size 1 on every other axis. Default
+        ``-1``.
     epsilon : float, Quantity or None
-        Added to the variance. None: PyTorch's default, machine epsilon of
-        float32 (half and single inputs) or float64.
-    use_bias, use_scale : bool
-        Learn a bias / a scale.
-    bias_init, scale_init : callable or array
-        Initial values (0 and 1).
-    axis_name, axis_index_groups : optional
-        Mapped axis to compute statistics over as well.
+        Positive constant added to the variance before the square root.
+        None selects PyTorch's default, the machine epsilon of float32 for
+        half and single precision inputs, of float64 for double. Default
+        1e-6.
+    use_bias : bool
+        Whether the layer owns a trainable additive offset :math:`\beta`.
+        Without it, a bias can still be given per call. Default True.
+    use_scale : bool
+        Whether the layer owns a trainable multiplicative gain
+        :math:`\gamma`. Without it, a scale can still be given per call.
+        Default True.
+    bias_init : initializer, array or None
+        Initial value of :math:`\beta`: a ``braintools.init`` (or
+        ``brainstate.nn.init``) initializer, any callable taking the shape,
+        or an array. None: zeros.
+    scale_init : initializer, array or None
+        Initial value of :math:`\gamma`, in the same forms. None: ones.
+    axis_name : hashable or tuple of hashable, optional
+        Name of a mapped axis (``vmap``, ``pmap``, ``shard_map``) whose
+        members pool their statistics, as one larger sample would.
+    axis_index_groups : sequence of sequence of int, optional
+        Subgroups of ``axis_name``'s members that pool separately; needs
+        ``axis_name``.
     use_fast_variance : bool
-        One-pass variance (flax parity); default False.
+        Use the one-pass :math:`\mathrm{E}[x^2] - \mathrm{E}[x]^2` (flax and
+        brainstate's formula) instead of the robust shifted two-pass.
+        Default False.
     dtype : dtype, optional
-        Output dtype (default: the input's floating dtype).
+        Dtype of the output; default the input's floating dtype.
     param_dtype : dtype, optional
-        Parameter dtype (default ``brainstate.environ.dftype()``).
+        Dtype of scale and bias; default ``brainstate.environ.dftype()``.
     param_type : type
-        State class of ``self.weight`` (dict with ``'scale'``/``'bias'``).
+        ``brainstate.ParamState`` subclass that holds ``{'scale', 'bias'}``
+        as :attr:`weight`. Default :class:`NormalizationParamState`.
     name : str, optional
+        Module name reported by brainstate.
+
+    Attributes
+    ----------
+    weight : NormalizationParamState
+        Trainable ``{'scale': ..., 'bias': ...}`` (the entries enabled), of
+        shape ``in_size`` with 1 at non-feature axes; None when neither
+        ``use_scale`` nor ``use_bias`` is set.
 
     Raises
     ------
@@ -127,35 +165,39 @@ class LayerNorm(_AxisNorm):
     >>> y = ln(jnp.array([[1e4, 1e4 + 1.0, 1e4 + 2.0]]))
     >>> [round(v, 3) for v in y.ravel().tolist()]
     [-1.225, 0.0, 1.225]
+    >>> brainnorm.LayerNorm((4, 8), (-2, -1)).weight.value['scale'].shape   # brainstate's positions
+    (1, 8)
     """
+
+    weight: NormalizationParamState
 
     def __init__(
         self,
-        in_size,
+        in_size: Size,
+        reduction_axes: Axes = -1,
+        feature_axes: Axes = -1,
         *,
-        reduction_axes=-1,
-        feature_axes=-1,
-        epsilon=1e-6,
+        epsilon: Epsilon | None = 1e-6,
         use_bias: bool = True,
         use_scale: bool = True,
-        bias_init=brainstate.nn.init.ZeroInit(),
-        scale_init=brainstate.nn.init.Constant(1.0),
-        axis_name=None,
-        axis_index_groups=None,
+        bias_init: Initializer | None = None,
+        scale_init: Initializer | None = None,
+        axis_name: AxisName | None = None,
+        axis_index_groups: AxisIndexGroups | None = None,
         use_fast_variance: bool = False,
-        dtype=None,
-        param_dtype=None,
-        param_type=NormalizationParamState,
-        name=None,
-    ):
+        dtype: DTypeLike | None = None,
+        param_dtype: DTypeLike | None = None,
+        param_type: type[NormalizationParamState] = NormalizationParamState,
+        name: str | None = None,
+    ) -> None:
         super().__init__(in_size, name=name)
         feature_shape = self._setup_axes(
             reduction_axes, feature_axes, epsilon, axis_name, axis_index_groups, use_fast_variance, dtype, param_dtype
         )
         self.use_bias = check_flag(self._owner, "use_bias", use_bias)
         self.use_scale = check_flag(self._owner, "use_scale", use_scale)
-        self.bias_init = bias_init
-        self.scale_init = scale_init
+        self.bias_init = bias_init = _default_init(bias_init, 0.0)
+        self.scale_init = scale_init = _default_init(scale_init, 1.0)
         self.weight = self._affine_state(
             feature_shape,
             use_scale=self.use_scale,
@@ -169,7 +211,9 @@ class LayerNorm(_AxisNorm):
     def _params(self):
         return _affine_values(self.weight)
 
-    def update(self, x, mask=None, *, scale=None, bias=None):
+    def update(
+        self, x: Input, mask: ArrayLike | None = None, *, scale: Input | None = None, bias: Input | None = None
+    ) -> Array:
         return self._normalize_call(x, mask, scale, bias)
 
     update.__doc__ = _UPDATE_DOC.format(
@@ -179,6 +223,12 @@ class LayerNorm(_AxisNorm):
         flags="``use_scale=False`` / ``use_bias=False``",
     )
 
+    if TYPE_CHECKING:  # brainstate's Module.__call__ (untyped) forwards to update: its types, for checkers
+
+        def __call__(
+            self, x: Input, mask: ArrayLike | None = None, *, scale: Input | None = None, bias: Input | None = None
+        ) -> Array: ...
+
 
 class RMSNorm(_AxisNorm):
     r"""Root-mean-square layer normalization (Zhang and Sennrich, 2019).
@@ -187,26 +237,52 @@ class RMSNorm(_AxisNorm):
 
     No re-centering and no bias. Equal to PyTorch ``RMSNorm(normalized_shape)``
     when the reduction and feature axes are the trailing
-    ``len(normalized_shape)`` axes, and to penzai's ``RMSLayerNorm``.
+    ``len(normalized_shape)`` axes, and to penzai's ``RMSLayerNorm``. As in
+    brainstate, only ``in_size`` is positional. Call the layer as
+    ``layer(x, mask=None, *, scale=None)`` (see :meth:`update`).
 
     Parameters
     ----------
     in_size : int or sequence of int
-        Per-sample shape without batch axes.
-    reduction_axes, feature_axes : int or sequence of int
-        Counted within ``in_size``.
+        Per-sample shape without batch axes (an int ``n`` means ``(n,)``).
     epsilon : float, Quantity or None
-        None: PyTorch's default, machine epsilon of the input's precision.
+        Positive constant added to the mean square before the square root.
+        None selects PyTorch's default, the machine epsilon of the input's
+        precision (float32 for half inputs). Default 1e-6.
     use_scale : bool
-    scale_init : callable or array
-    axis_name, axis_index_groups : optional
+        Whether the layer owns a trainable gain :math:`\gamma`. Without it, a
+        scale can still be given per call. Default True.
+    scale_init : initializer, array or None
+        Initial value of :math:`\gamma`: a ``braintools.init`` initializer,
+        any callable taking the shape, or an array. None: ones.
+    reduction_axes : int or sequence of int
+        Axes of ``in_size`` whose mean square is taken per sample. Default
+        ``-1``.
+    feature_axes : int or sequence of int
+        Axes of ``in_size`` along which the scale has one entry per position.
+        Default ``-1``.
+    axis_name : hashable or tuple of hashable, optional
+        Name of a mapped axis whose members pool their statistics.
+    axis_index_groups : sequence of sequence of int, optional
+        Subgroups of ``axis_name``'s members that pool separately.
     use_fast_variance : bool
-        Accepted for brainstate compatibility (RMS statistics have a single
-        form).
-    dtype, param_dtype : dtype, optional
+        Accepted for brainstate compatibility and ignored: a mean square has
+        a single form.
+    dtype : dtype, optional
+        Dtype of the output; default the input's floating dtype.
+    param_dtype : dtype, optional
+        Dtype of the scale; default ``brainstate.environ.dftype()``.
     param_type : type
-        State class of ``self.scale`` (a dict with ``'scale'``, as brainstate).
+        ``brainstate.ParamState`` subclass holding ``{'scale'}`` as
+        :attr:`scale` (brainstate's attribute name). Default
+        :class:`NormalizationParamState`.
     name : str, optional
+        Module name reported by brainstate.
+
+    Attributes
+    ----------
+    scale : NormalizationParamState
+        Trainable ``{'scale': ...}``; None when ``use_scale=False``.
 
     References
     ----------
@@ -222,30 +298,31 @@ class RMSNorm(_AxisNorm):
     """
 
     _use_mean = False
+    scale: NormalizationParamState
 
     def __init__(
         self,
-        in_size,
+        in_size: Size,
         *,
-        reduction_axes=-1,
-        feature_axes=-1,
-        epsilon=1e-6,
+        reduction_axes: Axes = -1,
+        feature_axes: Axes = -1,
+        epsilon: Epsilon | None = 1e-6,
         use_scale: bool = True,
-        scale_init=brainstate.nn.init.Constant(1.0),
-        axis_name=None,
-        axis_index_groups=None,
+        scale_init: Initializer | None = None,
+        axis_name: AxisName | None = None,
+        axis_index_groups: AxisIndexGroups | None = None,
         use_fast_variance: bool = False,
-        dtype=None,
-        param_dtype=None,
-        param_type=NormalizationParamState,
-        name=None,
-    ):
+        dtype: DTypeLike | None = None,
+        param_dtype: DTypeLike | None = None,
+        param_type: type[NormalizationParamState] = NormalizationParamState,
+        name: str | None = None,
+    ) -> None:
         super().__init__(in_size, name=name)
         feature_shape = self._setup_axes(
             reduction_axes, feature_axes, epsilon, axis_name, axis_index_groups, use_fast_variance, dtype, param_dtype
         )
         self.use_scale = check_flag(self._owner, "use_scale", use_scale)
-        self.scale_init = scale_init
+        self.scale_init = scale_init = _default_init(scale_init, 1.0)
         self.scale = self._affine_state(
             feature_shape,
             use_scale=self.use_scale,
@@ -259,9 +336,13 @@ class RMSNorm(_AxisNorm):
     def _params(self):
         return _affine_values(self.scale)
 
-    def update(self, x, mask=None, *, scale=None):
+    def update(self, x: Input, mask: ArrayLike | None = None, *, scale: Input | None = None) -> Array:
         return self._normalize_call(x, mask, scale, None)
 
     update.__doc__ = _UPDATE_DOC.format(
         bias_name="", what="a ``scale``", the_parameter="the learned scale", flags="``use_scale=False``"
     )
+
+    if TYPE_CHECKING:  # brainstate's Module.__call__ (untyped) forwards to update: its types, for checkers
+
+        def __call__(self, x: Input, mask: ArrayLike | None = None, *, scale: Input | None = None) -> Array: ...

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from . import _units
 from . import functional as F
 from ._base import _Normalization
+from ._typing import ArrayLike, DTypeLike, Input, Output, Size
 from ._validation import check_dtype, check_local_response, check_positive_int
 
 __all__ = ["LocalResponseNorm"]
@@ -20,7 +23,24 @@ class LocalResponseNorm(_Normalization):
 
     over a window of ``n = size`` channels, zero-padded ``size // 2`` before
     and ``(size - 1) // 2`` after. Statistics never cross positions, so the
-    layer has no parameters and no running state.
+    layer has no parameters and no running state. Call the layer as
+    ``layer(x, mask=None)`` (see :meth:`update`).
+
+    ``alpha``, ``beta`` and ``k`` must be finite and representable in the
+    statistics dtype (float32, float64 with ``jax_enable_x64``), so that the
+    base ``k + alpha / n * sum`` stays positive: PyTorch accepts a negative ``alpha``
+    or ``k`` and returns nan where the base turns negative, and with ``k =
+    0`` an all-zero window (common after a ReLU) gives ``0 * 0^(-beta)``,
+    nan. The gain ``(k + alpha / n * sum)^(-beta)`` must be representable
+    in the statistics dtype for every window of inputs in [-1, 1]: with
+    ``beta > 0`` its largest value is ``k^(-beta)`` (an all-zero window),
+    which overflows for ``k < 1`` and a large ``beta`` (``k=0.5,
+    beta=200`` in float32); then the output is at most ``|x| * max(1,
+    k^(-beta))`` in magnitude, finite for any moderate input. A negative
+    ``beta`` amplifies ``x`` by a power of its window's energy, ``(k +
+    alpha)^(-beta)`` for a window of ones, which must be representable
+    (``beta=-6e16`` is refused); the gain still grows without bound with
+    the input, so large inputs can overflow.
 
     Parameters
     ----------
@@ -28,28 +48,21 @@ class LocalResponseNorm(_Normalization):
         Per-sample shape without batch axes.
     size : int
         Number of channels in the window.
-    alpha, beta, k : float
-        Defaults 1e-4, 0.75, 1.0. Finite and representable in the statistics
-        dtype (float32, float64 with ``jax_enable_x64``), with ``alpha >= 0``,
-        ``k >= 0`` and ``k > 0`` when ``beta > 0``, so that the base ``k +
-        alpha / n * sum`` stays positive: PyTorch accepts a negative ``alpha``
-        or ``k`` and returns nan where the base turns negative, and with ``k =
-        0`` an all-zero window (common after a ReLU) gives ``0 * 0^(-beta)``,
-        nan. The gain ``(k + alpha / n * sum)^(-beta)`` must be representable
-        in the statistics dtype for every window of inputs in [-1, 1]: with
-        ``beta > 0`` its largest value is ``k^(-beta)`` (an all-zero window),
-        which overflows for ``k < 1`` and a large ``beta`` (``k=0.5,
-        beta=200`` in float32); then the output is at most ``|x| * max(1,
-        k^(-beta))`` in magnitude, finite for any moderate input. A negative
-        ``beta`` (allowed, as in PyTorch) amplifies ``x`` by a power of its
-        window's energy, ``(k + alpha)^(-beta)`` for a window of ones, which
-        must be representable (``beta=-6e16`` is refused); the gain still
-        grows without bound with the input, so large inputs can overflow.
+    alpha : float
+        Multiplier of the window's mean square, ``>= 0``. Default 1e-4.
+    beta : float
+        Exponent of the divisor; negative values (allowed, as in PyTorch)
+        amplify instead. Default 0.75.
+    k : float
+        Additive constant of the divisor's base, ``>= 0`` and ``> 0`` when
+        ``beta > 0``. Default 1.0.
     feature_axis : int
-        Channel axis counted within ``in_size``.
+        Channel axis counted within ``in_size``, along which the window runs.
+        Default ``-1``.
     dtype : dtype, optional
-        Output dtype (default: the input's floating dtype).
+        Dtype of the output; default the input's floating dtype.
     name : str, optional
+        Module name reported by brainstate.
 
     Raises
     ------
@@ -75,7 +88,18 @@ class LocalResponseNorm(_Normalization):
     [0.0, 0.5]
     """
 
-    def __init__(self, in_size, size, *, alpha=1e-4, beta=0.75, k=1.0, feature_axis=-1, dtype=None, name=None):
+    def __init__(
+        self,
+        in_size: Size,
+        size: int,
+        *,
+        alpha: float = 1e-4,
+        beta: float = 0.75,
+        k: float = 1.0,
+        feature_axis: int = -1,
+        dtype: DTypeLike | None = None,
+        name: str | None = None,
+    ) -> None:
         super().__init__(in_size, name=name)
         if not self.in_size:
             raise ValueError(
@@ -90,8 +114,12 @@ class LocalResponseNorm(_Normalization):
         self.feature_axes = feature
         self.dtype = check_dtype(self._owner, "dtype", dtype)
 
-    def update(self, x, mask=None):
-        """Normalize ``x`` of shape ``(*batch, *in_size)``.
+    if TYPE_CHECKING:  # brainstate's Module.__call__ (untyped) forwards to update: its types, for checkers
+
+        def __call__(self, x: Input, mask: ArrayLike | None = None) -> Output: ...
+
+    def update(self, x: Input, mask: ArrayLike | None = None) -> Output:
+        """Normalize ``x`` of shape ``(*batch, *in_size)``; ``layer(x, ...)`` calls this.
 
         Parameters
         ----------
@@ -103,7 +131,8 @@ class LocalResponseNorm(_Normalization):
 
         Returns
         -------
-        Array or Quantity
+        jax.Array or Quantity
+            Same shape as ``x``, in the unit of ``x``.
         """
         x_m, unit, mask, _ = self._prepare_input(x, mask)
         feature = self._x_axes(self.feature_axes, x_m.ndim)[0]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from typing import TYPE_CHECKING, Literal
 
 import brainstate
 import brainunit as u
@@ -22,15 +23,30 @@ from . import _units
 from ._base import _affine_values, _Normalization, _resolve_init
 from ._spiking_functional import _temporal_accumulated_batch_norm
 from ._states import NormalizationParamState
-from ._temporal import _reshape_q, _set_step, _set_steps, _TemporalBatchNorm, _time_slice
+from ._temporal import _reshape_q, _set_step, _set_steps, _temporal_doc, _TemporalBatchNorm, _time_slice
+from ._typing import (
+    Array,
+    ArrayLike,
+    Axes,
+    AxisIndexGroups,
+    AxisName,
+    DTypeLike,
+    Epsilon,
+    Initializer,
+    Input,
+    Momentum,
+    Output,
+    Size,
+    StateType,
+    Unit,
+)
 from ._validation import check_choice, check_dtype, check_flag, check_initializer
 from .functional import AccumulatedSums, neu_norm
 
 __all__ = ["TemporalAccumulatedBatchNorm", "NeuNorm"]
 
 
-class TemporalAccumulatedBatchNorm(_TemporalBatchNorm):
-    r"""Temporal accumulated batch normalization, TAB (Jiang et al., ICLR 2024).
+_TAB_DOC = r"""Temporal accumulated batch normalization, TAB (Jiang et al., ICLR 2024).
 
     The statistics of step ``t`` are taken over the steps ``0..t`` together
     (causal accumulation), over the batch axes and the non-feature axes of
@@ -57,37 +73,34 @@ class TemporalAccumulatedBatchNorm(_TemporalBatchNorm):
     at or past ``num_steps`` keep accumulating but reuse the last step's
     parameters and running statistics (updated once per step, in order).
 
+    Call the layer as ``layer(x, mask=None, *, t=None, use_running_average=None)``
+    (see :meth:`update`).
+
     Parameters
     ----------
     in_size : int or sequence of int
         Per-sample shape without time and batch axes.
     num_steps : int
-        Number of steps with their own parameters and statistics.
+        Number of steps with their own parameters and statistics; later steps
+        reuse the last step's.
     feature_axis : int or sequence of int
-        Channel axis counted within ``in_size``.
-    epsilon, momentum, track_running_stats, unbiased_running_var, use_running_average
-        As for :class:`BatchNorm1d` (momentum: weight of the old value).
-    use_scale, use_bias : bool
-        Learn :math:`\gamma_t` and :math:`\beta_t` (shape ``(num_steps,
-        *feature_shape)``).
-    scale_init, bias_init : callable or array
-        Default 1 and 0.
-    p_init : callable or array
-        Initial :math:`p` (default 1), shape ``(num_steps,)``.
-    axis_name, axis_index_groups : optional
-    use_fast_variance : bool
-    step_mode : {'single', 'multi'}
-    dtype, param_dtype, param_type, mean_type, unit, name
-        As for :class:`BatchNorm1d`.
+        Channel axis counted within ``in_size``. Default ``-1``.
+    p_init : initializer, array or None
+        Initial :math:`p`, of shape ``(num_steps,)``: an initializer, a
+        callable taking the shape, or an array. None: ones.
+    {parameters}
 
     Attributes
     ----------
     weight : NormalizationParamState
         ``{'scale', 'bias'}`` of shape ``(num_steps, *feature_shape)``.
     p : brainstate.ParamState
-        Shape ``(num_steps,)``.
-    running_mean, running_var : brainstate.ShortTermState
-        Shape ``(num_steps, *feature_shape)``.
+        Trainable output weights :math:`p_t` (used squared), shape
+        ``(num_steps,)``.
+    running_mean : brainstate.ShortTermState
+        Running mean per step, shape ``(num_steps, *feature_shape)``.
+    running_var : brainstate.ShortTermState
+        Running variance per step, same shape.
     num_batches_tracked : brainstate.ShortTermState
         Training steps per time step, shape ``(num_steps,)``.
     accumulated : brainstate.ShortTermState
@@ -112,35 +125,43 @@ class TemporalAccumulatedBatchNorm(_TemporalBatchNorm):
     ((4, 3), (4,))
     """
 
+
+class TemporalAccumulatedBatchNorm(_TemporalBatchNorm):
+    __doc__ = _temporal_doc(
+        _TAB_DOC,
+        scale_note=" Each step has its own :math:`\\gamma_t`, of shape ``(num_steps, *feature_shape)``. Default True.",
+        bias_note=" Each step has its own :math:`\\beta_t`. Default True.",
+    )
+
     _per_step_statistics = True
 
     def __init__(
         self,
-        in_size,
-        num_steps,
-        feature_axis=-1,
+        in_size: Size,
+        num_steps: int,
+        feature_axis: Axes = -1,
         *,
-        epsilon=1e-5,
-        momentum=0.99,
-        use_scale=True,
-        use_bias=True,
-        scale_init=None,
-        bias_init=None,
-        p_init=None,
-        track_running_stats=True,
-        unbiased_running_var=False,
-        use_running_average=None,
-        axis_name=None,
-        axis_index_groups=None,
-        use_fast_variance=False,
-        step_mode="single",
-        dtype=None,
-        param_dtype=None,
-        param_type=NormalizationParamState,
-        mean_type=brainstate.ShortTermState,
-        unit=None,
-        name=None,
-    ):
+        epsilon: Epsilon = 1e-5,
+        momentum: Momentum | None = 0.99,
+        use_scale: bool = True,
+        use_bias: bool = True,
+        scale_init: Initializer | None = None,
+        bias_init: Initializer | None = None,
+        p_init: Initializer | None = None,
+        track_running_stats: bool = True,
+        unbiased_running_var: bool = False,
+        use_running_average: bool | None = None,
+        axis_name: AxisName | None = None,
+        axis_index_groups: AxisIndexGroups | None = None,
+        use_fast_variance: bool = False,
+        step_mode: Literal["single", "multi"] = "single",
+        dtype: DTypeLike | None = None,
+        param_dtype: DTypeLike | None = None,
+        param_type: type[NormalizationParamState] = NormalizationParamState,
+        mean_type: StateType = brainstate.ShortTermState,
+        unit: Unit | None = None,
+        name: str | None = None,
+    ) -> None:
         super().__init__(
             in_size,
             feature_axis,
@@ -179,23 +200,48 @@ class TemporalAccumulatedBatchNorm(_TemporalBatchNorm):
             }
         )
 
-    def update(self, x, mask=None, *, t=None, use_running_average=None):
-        """Normalize one step (single) or a whole sequence (multi).
+    if TYPE_CHECKING:  # brainstate's Module.__call__ (untyped) forwards to update: its types, for checkers
+
+        def __call__(
+            self,
+            x: Input,
+            mask: ArrayLike | None = None,
+            *,
+            t: int | ArrayLike | None = None,
+            use_running_average: bool | None = None,
+        ) -> Array: ...
+
+    def update(
+        self,
+        x: Input,
+        mask: ArrayLike | None = None,
+        *,
+        t: int | ArrayLike | None = None,
+        use_running_average: bool | None = None,
+    ) -> Array:
+        """Normalize one step (single) or a whole sequence (multi); ``layer(x, ...)`` calls this.
 
         Parameters
         ----------
         x : array_like or Quantity
-            ``(*batch, *in_size)`` or ``(T, *batch, *in_size)``.
+            ``(*batch, *in_size)`` for ``step_mode='single'``, or
+            ``(T, *batch, *in_size)`` for ``'multi'``.
         mask : array_like of bool, optional
-            Valid positions, broadcastable to ``x``.
+            Valid positions, broadcastable to ``x``; masked-out entries are
+            left out of the accumulated sums.
         t : int or Array, optional
-            Time index of a single-step call (default ``environ['i']``);
-            ``t == 0`` starts a new sequence.
+            Time index of a single-step call (default ``brainstate.environ``
+            key ``'i'``); ``t == 0`` starts a new sequence. Ignored in
+            multi-step mode.
         use_running_average : bool, optional
+            True evaluates with the running statistics, False trains; None
+            defers to the constructor, then ``environ['fit']``, else trains.
 
         Returns
         -------
-        Array or Quantity
+        jax.Array
+            Same shape as ``x``; dimensionless unless the scale or bias carry
+            units.
         """
         x_m, unit, mask, _ = self._check_input(x, mask)
         training, stats_unit = self._mode_and_unit(x_m, unit, use_running_average)
@@ -399,24 +445,32 @@ class NeuNorm(_Normalization):
     k : float
         Decay of :math:`a` (:math:`k_{\tau 2}` of the paper), in [0, 1].
     shared_across_channels : bool
-        One ``w`` for every channel.
-    w_init : callable or array, optional
+        One ``w`` for every channel instead of one per channel. Default
+        False.
+    w_init : initializer, array or None
         Initial ``w``; default uniform in :math:`\pm 1/\sqrt{n}` with ``n``
         the number of non-feature positions (spikingjelly's
         ``kaiming_uniform_(a=sqrt(5))``).
     step_mode : {'single', 'multi'}
+        ``'single'`` (default): one step ``(*batch, *in_size)`` per call,
+        carrying :math:`a` in :attr:`activity` between calls. ``'multi'``: a
+        whole sequence ``(T, *batch, *in_size)`` per call.
     param_dtype : dtype, optional
         Floating dtype of ``w`` and of the state.
     param_type : type
-        State class of ``w`` (a ``brainstate.ParamState``).
+        ``brainstate.ParamState`` subclass that holds ``w``. Default
+        ``brainstate.ParamState``.
     unit : brainunit.Unit, optional
         Unit of the state (of the inputs), for a layer first called inside a
         transform; without it the first eager call with a Quantity sets it.
     name : str, optional
+        Module name reported by brainstate.
 
     Attributes
     ----------
     w : brainstate.ParamState
+        Trainable weight of the subtracted activity, one per non-feature
+        position (and per channel unless ``shared_across_channels``).
     activity : brainstate.HiddenState
         :math:`a`, a Quantity once the state has a unit.
     activity_unit : brainunit.Unit or None
@@ -455,20 +509,23 @@ class NeuNorm(_Normalization):
     (True, True, 0.95)
     """
 
+    w: brainstate.ParamState
+    activity: brainstate.HiddenState
+
     def __init__(
         self,
-        in_size,
-        feature_axis=-1,
+        in_size: Size,
+        feature_axis: Axes = -1,
         *,
-        k=0.9,
-        shared_across_channels=False,
-        w_init=None,
-        step_mode="single",
-        param_dtype=None,
-        param_type=brainstate.ParamState,
-        unit=None,
-        name=None,
-    ):
+        k: float = 0.9,
+        shared_across_channels: bool = False,
+        w_init: Initializer | None = None,
+        step_mode: Literal["single", "multi"] = "single",
+        param_dtype: DTypeLike | None = None,
+        param_type: type[brainstate.ParamState] = brainstate.ParamState,
+        unit: Unit | None = None,
+        name: str | None = None,
+    ) -> None:
         super().__init__(in_size, name=name)
         owner = self._owner
         self.feature_axes = self._sample_axes("feature_axis", feature_axis)
@@ -481,7 +538,7 @@ class NeuNorm(_Normalization):
         if w_init is not None:
             check_initializer(owner, "w_init", w_init)
         unit = _units.check_unit(owner, unit)
-        self.state_shape = tuple(1 if i in self.feature_axes else d for i, d in enumerate(self.in_size))
+        self.state_shape = tuple(1 if i in self.feature_axes else d for i, d in enumerate(self._size))
         w_shape = self.state_shape if self.shared_across_channels else self.in_size
         dtype = brainstate.environ.dftype() if param_dtype is None else param_dtype
         if w_init is None:
@@ -548,8 +605,14 @@ class NeuNorm(_Normalization):
             )
         return unit
 
-    def update(self, x):
+    if TYPE_CHECKING:  # brainstate's Module.__call__ (untyped) forwards to update: its types, for checkers
+
+        def __call__(self, x: Input) -> Output: ...
+
+    def update(self, x: Input) -> Output:
         """One step ``(*batch, *in_size)`` or a sequence ``(T, *batch, *in_size)`` (multi).
+
+        ``layer(x)`` calls this.
 
         Parameters
         ----------
@@ -558,7 +621,7 @@ class NeuNorm(_Normalization):
 
         Returns
         -------
-        Array or Quantity
+        jax.Array or Quantity
             ``x - w * a`` of the same shape, in the unit of ``x``.
 
         Raises
@@ -588,7 +651,7 @@ class NeuNorm(_Normalization):
                 f"(or init_state) first."
             )
         state_unit = self._state_unit(x_m, unit)
-        offset = x_m.ndim - len(self.in_size) - (1 if multi else 0)
+        offset = x_m.ndim - len(self._size) - (1 if multi else 0)
         y, activity = neu_norm(
             _units.attach(x_m, unit),
             self.w.value,

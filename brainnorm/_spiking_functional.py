@@ -47,6 +47,7 @@ from ._stats import (
     running_update,
     stats_dtype,
 )
+from ._typing import ArrayLike, Axes, AxisIndexGroups, AxisName, DTypeLike, Epsilon, Input, Momentum, Output, Value
 from ._validation import (
     canonical_axes,
     check_axis_name,
@@ -243,26 +244,26 @@ def _apply_with_padding(x, stats: Moments, mask, *, epsilon, scale, bias, out_dt
 
 
 def temporal_accumulated_batch_norm(
-    x,
-    running_mean=None,
-    running_var=None,
-    scale=None,
-    bias=None,
-    p=None,
+    x: Input,
+    running_mean: Value | None = None,
+    running_var: Value | None = None,
+    scale: Value | None = None,
+    bias: Value | None = None,
+    p: ArrayLike | None = None,
     *,
     training: bool,
-    feature_axes=-1,
-    momentum=0.99,
-    epsilon=1e-5,
-    mask=None,
+    feature_axes: Axes = -1,
+    momentum: Momentum = 0.99,
+    epsilon: Epsilon = 1e-5,
+    mask: ArrayLike | None = None,
     unbiased_running_var: bool = False,
-    accumulated=None,
+    accumulated: AccumulatedSums | None = None,
     return_accumulated: bool = False,
-    axis_name=None,
-    axis_index_groups=None,
+    axis_name: AxisName | None = None,
+    axis_index_groups: AxisIndexGroups | None = None,
     use_fast_variance: bool = False,
-    dtype=None,
-):
+    dtype: DTypeLike | None = None,
+) -> tuple[Any, ...]:
     r"""Temporal accumulated batch normalization, TAB (Jiang et al., ICLR 2024).
 
     ``x`` is time-major, ``(T, ...)``. The statistics of step ``t`` are taken
@@ -481,7 +482,15 @@ def _check_decay(owner, k):
     return value
 
 
-def neu_norm(x, weight, state=None, *, k=0.9, feature_axes=-1, multi_step=False):
+def neu_norm(
+    x: Input,
+    weight: ArrayLike,
+    state: Value | None = None,
+    *,
+    k: float = 0.9,
+    feature_axes: Axes = -1,
+    multi_step: bool = False,
+) -> tuple[Output, Output]:
     r"""NeuNorm (Wu et al., AAAI 2019): subtract the recent channel-summed activity.
 
     .. math::
@@ -543,7 +552,7 @@ def neu_norm(x, weight, state=None, *, k=0.9, feature_axes=-1, multi_step=False)
     """
     owner = "neu_norm"
     k = _check_decay(owner, k)
-    multi_step = check_flag(owner, "multi_step", multi_step)
+    multi_step = bool(check_flag(owner, "multi_step", multi_step))
     x_m, unit = _units.split(x)
     x_m = check_input(owner, x_m)
     step_ndim = x_m.ndim - (1 if multi_step else 0)

@@ -8,7 +8,11 @@ counters, power-iteration vectors) live in ``brainstate.ShortTermState``.
 
 from __future__ import annotations
 
+from typing import Any
+
 import brainstate
+
+from ._typing import Input, Output
 
 __all__ = ["NormalizationParamState"]
 
@@ -30,7 +34,7 @@ class NormalizationParamState(brainstate.ParamState):
     [7.0]
     """
 
-    def execute(self, x):
+    def execute(self, x: Input) -> Output:
         """Return ``x * scale + bias`` for the entries present.
 
         Parameters
@@ -40,11 +44,14 @@ class NormalizationParamState(brainstate.ParamState):
 
         Returns
         -------
-        Array
+        jax.Array or Quantity
+            ``x`` scaled and shifted, in the unit of the parameters if they
+            carry one.
         """
-        params = self.value
+        params: Any = self.value
+        y: Any = x
         if "scale" in params:
-            x = x * params["scale"]
+            y = y * params["scale"]
         if "bias" in params:
-            x = x + params["bias"]
-        return x
+            y = y + params["bias"]
+        return y

@@ -23,6 +23,8 @@ All three layers share the BatchNorm machinery of
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Literal
+
 import brainstate
 import jax.numpy as jnp
 import numpy as np
@@ -30,15 +32,100 @@ import numpy as np
 from . import _units
 from ._base import _affine_values, _Normalization, _RunningStatistics
 from ._states import NormalizationParamState
+from ._typing import (
+    Array,
+    ArrayLike,
+    Axes,
+    AxisIndexGroups,
+    AxisName,
+    DTypeLike,
+    Epsilon,
+    Initializer,
+    Input,
+    Momentum,
+    Size,
+    StateType,
+    Unit,
+)
 from ._validation import check_choice, check_positive_int, check_real, check_representable, check_time_index
 
 __all__ = ["BatchNormThroughTime", "ThresholdDependentBatchNorm", "TemporalEffectiveBatchNorm"]
+
+
+# The options the temporal layers share, each in its own words (rendered on every page that lists them).
+_TEMPORAL_PARAMETERS = r"""epsilon : float or Quantity
+        Positive constant added to the variance before the square root.
+        Default 1e-5.
+    momentum : float, array or None
+        Weight of the old running value in ``running = momentum * running +
+        (1 - momentum) * batch`` (PyTorch's momentum is ``1 - momentum``
+        here), in [0, 1]; an array gives one value per channel. None: the
+        cumulative average of every batch seen. Default 0.99.
+    use_scale : bool
+        Whether the layer owns a trainable gain :math:`\gamma`.{scale_note}
+    use_bias : bool
+        Whether the layer owns a trainable offset :math:`\beta`.{bias_note}
+    scale_init : initializer, array or None
+        Initial gain: a ``braintools.init`` initializer, any callable taking
+        the shape, or an array. None: ones.
+    bias_init : initializer, array or None
+        Initial offset, in the same forms. None: zeros.
+    track_running_stats : bool
+        Keep running statistics and use them in evaluation. False: batch
+        statistics in training and evaluation alike. Default True.
+    unbiased_running_var : bool
+        Fold the unbiased batch variance into the running variance, as
+        PyTorch does; the normalization uses the biased one. Default False.
+    use_running_average : bool, optional
+        A fixed mode for every call: True evaluates with the running
+        statistics, False trains. None: decided per call by ``update``'s
+        argument, then ``brainstate.environ`` key ``fit``, else training.
+    axis_name : hashable or tuple of hashable, optional
+        Name of a mapped axis whose members pool their statistics exactly.
+    axis_index_groups : sequence of sequence of int, optional
+        Subgroups of ``axis_name``'s members that pool separately.
+    use_fast_variance : bool
+        Use the one-pass variance formula (flax and brainstate's) instead of
+        the robust shifted two-pass. Default False.
+    step_mode : {{'single', 'multi'}}
+        ``'multi'``: the input is a whole sequence ``(T, *batch, *in_size)``,
+        time-major. ``'single'`` (default): one time step ``(*batch,
+        *in_size)`` per call{step_note}.
+    dtype : dtype, optional
+        Dtype of the output; default the input's floating dtype.
+    param_dtype : dtype, optional
+        Dtype of parameters and running statistics; default
+        ``brainstate.environ.dftype()``.
+    param_type : type
+        ``brainstate.ParamState`` subclass holding ``{{'scale', 'bias'}}`` as
+        :attr:`weight`. Default :class:`NormalizationParamState`.
+    mean_type : type
+        ``brainstate.State`` subclass, not a ``ParamState``, holding the
+        running statistics. Default ``brainstate.ShortTermState``.
+    unit : brainunit.Unit, optional
+        Unit of the running mean (the variance takes its square), declared up
+        front for layers that first see Quantities inside ``jit``.
+    name : str, optional
+        Module name reported by brainstate."""
+
+_STEP_INDEX_NOTE = ", whose step index comes from ``update(x, t=...)`` or ``brainstate.environ`` key ``'i'``"
+
+
+def _temporal_doc(doc, *, scale_note="", bias_note="", step_note=_STEP_INDEX_NOTE):
+    return doc.replace(
+        "{parameters}",
+        _TEMPORAL_PARAMETERS.format(scale_note=scale_note, bias_note=bias_note, step_note=step_note),
+    )
 
 
 class _TemporalBatchNorm(_RunningStatistics, _Normalization):
     """Shared construction and input handling of the temporal layers."""
 
     _per_step_statistics = False
+    weight: NormalizationParamState
+    running_mean: brainstate.ShortTermState
+    running_var: brainstate.ShortTermState
+    num_batches_tracked: brainstate.ShortTermState
 
     def __init__(
         self,
@@ -151,8 +238,7 @@ class _TemporalBatchNorm(_RunningStatistics, _Normalization):
         self.num_batches_tracked.value = batches_tracked
 
 
-class BatchNormThroughTime(_TemporalBatchNorm):
-    r"""Batch normalization through time, BNTT (Kim and Panda, 2021).
+_BNTT_DOC = r"""Batch normalization through time, BNTT (Kim and Panda, 2021).
 
     Each time step ``t`` has its own scale :math:`\gamma_t` (no bias, as in
     the paper) and its own running statistics:
@@ -163,28 +249,31 @@ class BatchNormThroughTime(_TemporalBatchNorm):
     step ``t``. Multi-step and single-step runs over the same data give the
     same outputs and running statistics.
 
+    Call the layer as ``layer(x, mask=None, *, t=None, use_running_average=None)``
+    (see :meth:`update`).
+
     Parameters
     ----------
     in_size : int or sequence of int
         Per-sample shape without time and batch axes.
     num_steps : int
         Number of time steps with their own parameters and statistics; later
-        steps reuse the last.
+        steps reuse the last step's.
     feature_axis : int or sequence of int
-        Channel axis counted within ``in_size``.
-    epsilon, momentum, track_running_stats, unbiased_running_var, use_running_average
-        As for :class:`BatchNorm1d` (momentum: weight of the old value).
-    use_scale : bool
-        Learn :math:`\gamma_t` (shape ``(num_steps, *feature_shape)``).
-    use_bias : bool
-        Default False (BNTT has none); True adds a per-step bias.
-    scale_init, bias_init : callable or array
-    axis_name, axis_index_groups : optional
-    step_mode : {'single', 'multi'}
-        ``'multi'``: input ``(T, *batch, *in_size)``; ``'single'``: one step,
-        index from ``t=`` or ``environ['i']``.
-    dtype, param_dtype, param_type, mean_type, unit, name
-        As for :class:`BatchNorm1d`.
+        Channel axis counted within ``in_size``. Default ``-1``.
+    {parameters}
+
+    Attributes
+    ----------
+    weight : NormalizationParamState
+        Per-step ``{'scale': ...}`` (and ``'bias'`` with ``use_bias``), of
+        shape ``(num_steps, *feature_shape)``.
+    running_mean : brainstate.ShortTermState
+        Running mean per step and channel, ``(num_steps, *feature_shape)``.
+    running_var : brainstate.ShortTermState
+        Running variance per step and channel, same shape.
+    num_batches_tracked : brainstate.ShortTermState
+        Training batches seen per step, shape ``(num_steps,)``.
 
     References
     ----------
@@ -201,34 +290,42 @@ class BatchNormThroughTime(_TemporalBatchNorm):
     (4, 3)
     """
 
+
+class BatchNormThroughTime(_TemporalBatchNorm):
+    __doc__ = _temporal_doc(
+        _BNTT_DOC,
+        scale_note=" Each step has its own :math:`\\gamma_t`, of shape ``(num_steps, *feature_shape)``. Default True.",
+        bias_note=" Default False (BNTT has none); True adds a per-step offset.",
+    )
+
     _per_step_statistics = True
 
     def __init__(
         self,
-        in_size,
-        num_steps,
-        feature_axis=-1,
+        in_size: Size,
+        num_steps: int,
+        feature_axis: Axes = -1,
         *,
-        epsilon=1e-5,
-        momentum=0.99,
-        use_scale=True,
-        use_bias=False,
-        scale_init=None,
-        bias_init=None,
-        track_running_stats=True,
-        unbiased_running_var=False,
-        use_running_average=None,
-        axis_name=None,
-        axis_index_groups=None,
-        use_fast_variance=False,
-        step_mode="single",
-        dtype=None,
-        param_dtype=None,
-        param_type=NormalizationParamState,
-        mean_type=brainstate.ShortTermState,
-        unit=None,
-        name=None,
-    ):
+        epsilon: Epsilon = 1e-5,
+        momentum: Momentum | None = 0.99,
+        use_scale: bool = True,
+        use_bias: bool = False,
+        scale_init: Initializer | None = None,
+        bias_init: Initializer | None = None,
+        track_running_stats: bool = True,
+        unbiased_running_var: bool = False,
+        use_running_average: bool | None = None,
+        axis_name: AxisName | None = None,
+        axis_index_groups: AxisIndexGroups | None = None,
+        use_fast_variance: bool = False,
+        step_mode: Literal["single", "multi"] = "single",
+        dtype: DTypeLike | None = None,
+        param_dtype: DTypeLike | None = None,
+        param_type: type[NormalizationParamState] = NormalizationParamState,
+        mean_type: StateType = brainstate.ShortTermState,
+        unit: Unit | None = None,
+        name: str | None = None,
+    ) -> None:
         super().__init__(
             in_size,
             feature_axis,
@@ -254,21 +351,47 @@ class BatchNormThroughTime(_TemporalBatchNorm):
             name=name,
         )
 
-    def update(self, x, mask=None, *, t=None, use_running_average=None):
-        """Normalize one step (single) or a whole sequence (multi).
+    if TYPE_CHECKING:  # brainstate's Module.__call__ (untyped) forwards to update: its types, for checkers
+
+        def __call__(
+            self,
+            x: Input,
+            mask: ArrayLike | None = None,
+            *,
+            t: int | ArrayLike | None = None,
+            use_running_average: bool | None = None,
+        ) -> Array: ...
+
+    def update(
+        self,
+        x: Input,
+        mask: ArrayLike | None = None,
+        *,
+        t: int | ArrayLike | None = None,
+        use_running_average: bool | None = None,
+    ) -> Array:
+        """Normalize one step (single) or a whole sequence (multi); ``layer(x, ...)`` calls this.
 
         Parameters
         ----------
         x : array_like or Quantity
-            ``(*batch, *in_size)`` or ``(T, *batch, *in_size)``.
+            ``(*batch, *in_size)`` for ``step_mode='single'``, or
+            ``(T, *batch, *in_size)`` for ``'multi'``.
         mask : array_like of bool, optional
+            Valid positions, broadcastable to ``x``; masked-out entries are
+            left out of the statistics and of the running-statistic update.
         t : int or Array, optional
-            Time index of a single-step call (default ``environ['i']``).
+            Time index of a single-step call, selecting the step's parameters
+            and statistics (default ``brainstate.environ`` key ``'i'``); steps
+            past ``num_steps`` use the last. Ignored in multi-step mode.
         use_running_average : bool, optional
+            True evaluates with the running statistics, False trains; None
+            defers to the constructor, then ``environ['fit']``, else trains.
 
         Returns
         -------
-        Array
+        jax.Array
+            Same shape as ``x``.
         """
         x_m, unit, mask, n_batch = self._check_input(x, mask)
         training, stats_unit = self._mode_and_unit(x_m, unit, use_running_average)
@@ -339,8 +462,7 @@ class BatchNormThroughTime(_TemporalBatchNorm):
         return y
 
 
-class ThresholdDependentBatchNorm(_TemporalBatchNorm):
-    r"""Threshold-dependent batch normalization, tdBN (Zheng et al., 2021).
+_TDBN_DOC = r"""Threshold-dependent batch normalization, tdBN (Zheng et al., 2021).
 
     .. math::
 
@@ -352,26 +474,38 @@ class ThresholdDependentBatchNorm(_TemporalBatchNorm):
     one step, not of the whole window), and the running statistics are
     updated at every step.
 
+    The scale is a learned :math:`\gamma` (initialized to 1) times the fixed
+    :math:`\alpha V_{th}`, as in the paper; spikingjelly learns the product
+    instead (see the porting guide for the consequence for training). Call
+    the layer as ``layer(x, mask=None, *, use_running_average=None)`` (see
+    :meth:`update`).
+
     Parameters
     ----------
     in_size : int or sequence of int
+        Per-sample shape without time and batch axes.
     feature_axis : int or sequence of int
+        Channel axis counted within ``in_size``. Default ``-1``.
     alpha : float
-        Scale factor (the paper uses 1, or 1/sqrt(2) before residual additions).
+        Network-dependent factor of the scale (the paper uses 1, or
+        :math:`1/\sqrt{2}` before residual additions). Default 1.
     v_th : float
-        Firing threshold of the following neurons.
+        Firing threshold of the neurons that follow. ``alpha``, ``v_th`` and
+        their product must be finite and representable in ``param_dtype``
+        (else the scale, and the output, would be ``inf``). Default 1.
+    {parameters}
 
-        ``alpha``, ``v_th`` and ``alpha * v_th`` must be finite and
-        representable in ``param_dtype`` (float32 by default): a larger value
-        would turn the scale, and the output, into ``inf``.
-    step_mode : {'single', 'multi'}
-        As for :class:`BatchNormThroughTime` (no time index is needed).
-    **options
-        ``epsilon``, ``momentum``, ``use_scale``, ``use_bias``, ``scale_init``,
-        ``bias_init``, ``track_running_stats``, ``unbiased_running_var``,
-        ``use_running_average``, ``axis_name``, ``axis_index_groups``,
-        ``use_fast_variance``, ``dtype``, ``param_dtype``, ``param_type``,
-        ``mean_type``, ``unit``, ``name``: as for :class:`BatchNorm1d`.
+    Attributes
+    ----------
+    weight : NormalizationParamState
+        Trainable ``{'scale': ..., 'bias': ...}`` of the feature shape; the
+        scale is :math:`\gamma`, used times ``alpha * v_th``.
+    running_mean : brainstate.ShortTermState
+        Running mean per channel.
+    running_var : brainstate.ShortTermState
+        Running variance per channel.
+    num_batches_tracked : brainstate.ShortTermState
+        Number of training calls taken.
 
     References
     ----------
@@ -389,33 +523,42 @@ class ThresholdDependentBatchNorm(_TemporalBatchNorm):
     0.5
     """
 
+
+class ThresholdDependentBatchNorm(_TemporalBatchNorm):
+    __doc__ = _temporal_doc(
+        _TDBN_DOC,
+        scale_note=" It multiplies ``alpha * v_th``. Default True.",
+        bias_note=" Default True.",
+        step_note=" (statistics of the current step's batch; no step index is needed)",
+    )
+
     def __init__(
         self,
-        in_size,
-        feature_axis=-1,
+        in_size: Size,
+        feature_axis: Axes = -1,
         *,
-        alpha=1.0,
-        v_th=1.0,
-        epsilon=1e-5,
-        momentum=0.99,
-        use_scale=True,
-        use_bias=True,
-        scale_init=None,
-        bias_init=None,
-        track_running_stats=True,
-        unbiased_running_var=False,
-        use_running_average=None,
-        axis_name=None,
-        axis_index_groups=None,
-        use_fast_variance=False,
-        step_mode="single",
-        dtype=None,
-        param_dtype=None,
-        param_type=NormalizationParamState,
-        mean_type=brainstate.ShortTermState,
-        unit=None,
-        name=None,
-    ):
+        alpha: float = 1.0,
+        v_th: float = 1.0,
+        epsilon: Epsilon = 1e-5,
+        momentum: Momentum | None = 0.99,
+        use_scale: bool = True,
+        use_bias: bool = True,
+        scale_init: Initializer | None = None,
+        bias_init: Initializer | None = None,
+        track_running_stats: bool = True,
+        unbiased_running_var: bool = False,
+        use_running_average: bool | None = None,
+        axis_name: AxisName | None = None,
+        axis_index_groups: AxisIndexGroups | None = None,
+        use_fast_variance: bool = False,
+        step_mode: Literal["single", "multi"] = "single",
+        dtype: DTypeLike | None = None,
+        param_dtype: DTypeLike | None = None,
+        param_type: type[NormalizationParamState] = NormalizationParamState,
+        mean_type: StateType = brainstate.ShortTermState,
+        unit: Unit | None = None,
+        name: str | None = None,
+    ) -> None:
         super().__init__(
             in_size,
             feature_axis,
@@ -470,24 +613,38 @@ class ThresholdDependentBatchNorm(_TemporalBatchNorm):
             self._write(new_mean, new_var)
         return y, x_m
 
-    def update(self, x, mask=None, *, use_running_average=None):
+    if TYPE_CHECKING:  # brainstate's Module.__call__ (untyped) forwards to update: its types, for checkers
+
+        def __call__(
+            self, x: Input, mask: ArrayLike | None = None, *, use_running_average: bool | None = None
+        ) -> Array: ...
+
+    def update(self, x: Input, mask: ArrayLike | None = None, *, use_running_average: bool | None = None) -> Array:
         """Normalize ``x``: ``(T, *batch, *in_size)`` (multi) or ``(*batch, *in_size)`` (single).
+
+        ``layer(x, ...)`` calls this.
 
         Parameters
         ----------
         x : array_like or Quantity
+            A whole sequence, time-major, in multi-step mode; one step in
+            single-step mode (no time index is needed: the statistics are
+            shared by every step).
         mask : array_like of bool, optional
+            Valid positions, broadcastable to ``x``.
         use_running_average : bool, optional
+            True evaluates with the running statistics, False trains; None
+            defers to the constructor, then ``environ['fit']``, else trains.
 
         Returns
         -------
-        Array
+        jax.Array
+            Same shape as ``x``.
         """
         return self._shared_statistics(x, mask, use_running_average)[0]
 
 
-class TemporalEffectiveBatchNorm(ThresholdDependentBatchNorm):
-    r"""Temporal effective batch normalization, TEBN (Duan et al., 2022).
+_TEBN_DOC = r"""Temporal effective batch normalization, TEBN (Duan et al., 2022).
 
     tdBN statistics shared over time, then a trainable per-step weight:
 
@@ -498,24 +655,29 @@ class TemporalEffectiveBatchNorm(ThresholdDependentBatchNorm):
     the current step's batch (as for tdBN) and ``p_t`` is taken at the step
     index from ``t=`` or ``environ['i']``.
 
+    Call the layer as ``layer(x, mask=None, *, t=None, use_running_average=None)``
+    (see :meth:`update`). TEBN has no ``alpha`` or ``v_th`` (both are 1).
+
     Parameters
     ----------
     in_size : int or sequence of int
+        Per-sample shape without time and batch axes.
     num_steps : int
-        Length of ``p``; later steps reuse ``p`` of the last step.
+        Length of ``p``; steps past it reuse the last step's weight.
     feature_axis : int or sequence of int
-    epsilon, momentum, use_scale, use_bias, scale_init, bias_init : optional
-    track_running_stats, unbiased_running_var, use_running_average : optional
-    axis_name, axis_index_groups, use_fast_variance, step_mode : optional
-    dtype, param_dtype, param_type, mean_type, unit, name : optional
-        As for :class:`ThresholdDependentBatchNorm`, validated when the layer
-        is built (messages name ``TemporalEffectiveBatchNorm``). TEBN has no
-        ``alpha`` or ``v_th`` (``alpha = v_th = 1``).
+        Channel axis counted within ``in_size``. Default ``-1``.
+    {parameters}
 
     Attributes
     ----------
     p : brainstate.ParamState
         Per-step weights, shape ``(num_steps,)``.
+    weight : NormalizationParamState
+        Trainable ``{'scale': ..., 'bias': ...}`` of the feature shape.
+    running_mean : brainstate.ShortTermState
+        Running mean per channel, shared by every step.
+    running_var : brainstate.ShortTermState
+        Running variance per channel, shared by every step.
 
     References
     ----------
@@ -530,32 +692,36 @@ class TemporalEffectiveBatchNorm(ThresholdDependentBatchNorm):
     [1.0, 1.0, 1.0, 1.0]
     """
 
+
+class TemporalEffectiveBatchNorm(ThresholdDependentBatchNorm):
+    __doc__ = _temporal_doc(_TEBN_DOC, scale_note=" Default True.", bias_note=" Default True.")
+
     def __init__(
         self,
-        in_size,
-        num_steps,
-        feature_axis=-1,
+        in_size: Size,
+        num_steps: int,
+        feature_axis: Axes = -1,
         *,
-        epsilon=1e-5,
-        momentum=0.99,
-        use_scale=True,
-        use_bias=True,
-        scale_init=None,
-        bias_init=None,
-        track_running_stats=True,
-        unbiased_running_var=False,
-        use_running_average=None,
-        axis_name=None,
-        axis_index_groups=None,
-        use_fast_variance=False,
-        step_mode="single",
-        dtype=None,
-        param_dtype=None,
-        param_type=NormalizationParamState,
-        mean_type=brainstate.ShortTermState,
-        unit=None,
-        name=None,
-    ):
+        epsilon: Epsilon = 1e-5,
+        momentum: Momentum | None = 0.99,
+        use_scale: bool = True,
+        use_bias: bool = True,
+        scale_init: Initializer | None = None,
+        bias_init: Initializer | None = None,
+        track_running_stats: bool = True,
+        unbiased_running_var: bool = False,
+        use_running_average: bool | None = None,
+        axis_name: AxisName | None = None,
+        axis_index_groups: AxisIndexGroups | None = None,
+        use_fast_variance: bool = False,
+        step_mode: Literal["single", "multi"] = "single",
+        dtype: DTypeLike | None = None,
+        param_dtype: DTypeLike | None = None,
+        param_type: type[NormalizationParamState] = NormalizationParamState,
+        mean_type: StateType = brainstate.ShortTermState,
+        unit: Unit | None = None,
+        name: str | None = None,
+    ) -> None:
         # explicit keywords (no **kwargs): an unknown or misspelt option fails with this class's name
         num_steps = check_positive_int(type(self).__name__, "num_steps", num_steps)
         super().__init__(
@@ -585,20 +751,47 @@ class TemporalEffectiveBatchNorm(ThresholdDependentBatchNorm):
         dtype = brainstate.environ.dftype() if self.param_dtype is None else self.param_dtype
         self.p = brainstate.ParamState(jnp.ones((self.num_steps,), dtype))
 
-    def update(self, x, mask=None, *, t=None, use_running_average=None):
+    if TYPE_CHECKING:  # brainstate's Module.__call__ (untyped) forwards to update: its types, for checkers
+
+        def __call__(
+            self,
+            x: Input,
+            mask: ArrayLike | None = None,
+            *,
+            t: int | ArrayLike | None = None,
+            use_running_average: bool | None = None,
+        ) -> Array: ...
+
+    def update(
+        self,
+        x: Input,
+        mask: ArrayLike | None = None,
+        *,
+        t: int | ArrayLike | None = None,
+        use_running_average: bool | None = None,
+    ) -> Array:
         """Normalize one step (single) or a whole sequence (multi), then weight by ``p_t``.
+
+        ``layer(x, ...)`` calls this.
 
         Parameters
         ----------
         x : array_like or Quantity
+            ``(*batch, *in_size)`` for ``step_mode='single'``, or
+            ``(T, *batch, *in_size)`` for ``'multi'``.
         mask : array_like of bool, optional
+            Valid positions, broadcastable to ``x``.
         t : int or Array, optional
-            Time index of a single-step call (default ``environ['i']``).
+            Time index of a single-step call, selecting ``p_t`` (default
+            ``brainstate.environ`` key ``'i'``); ignored in multi-step mode.
         use_running_average : bool, optional
+            True evaluates with the running statistics, False trains; None
+            defers to the constructor, then ``environ['fit']``, else trains.
 
         Returns
         -------
-        Array
+        jax.Array
+            Same shape as ``x``.
         """
         step = self._step_index(t) if self.step_mode == "single" else None
 

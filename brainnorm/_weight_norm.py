@@ -15,7 +15,9 @@ weight that is never used. SpectralNorm trains the wrapped weight itself
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
 
 import brainstate
 import jax
@@ -25,6 +27,7 @@ import numpy as np
 from . import _units
 from . import functional as F
 from ._base import _RunningStatistics
+from ._typing import Array
 from ._validation import canonical_axes, check_epsilon, check_flag, check_name, check_positive_int
 
 __all__ = ["WeightNorm", "SpectralNorm"]
@@ -128,7 +131,7 @@ class _WeightWrapper(brainstate.nn.Module):
         once the wrapped call has succeeded (a call that raises writes nothing)."""
         raise NotImplementedError
 
-    def normalized_weight(self):
+    def normalized_weight(self) -> Array:
         """The weight the wrapped layer computes with, without updating any state.
 
         Returns
@@ -138,19 +141,25 @@ class _WeightWrapper(brainstate.nn.Module):
         """
         return self._weight(True)[0]
 
-    def update(self, *args, use_running_average=None, **kwargs):
-        """Call the wrapped layer with the reparametrized weight.
+    def update(self, *args: Any, use_running_average: bool | None = None, **kwargs: Any) -> Any:
+        """Call the wrapped layer with the reparametrized weight; ``wrapper(x, ...)`` calls this.
 
         Parameters
         ----------
-        *args, **kwargs
-            Passed to the wrapped layer.
+        *args : Any
+            Positional arguments of the wrapped layer's call (its input).
         use_running_average : bool, optional
-            SpectralNorm only: True skips the power iteration (evaluation).
+            SpectralNorm: True uses the stored power-iteration vectors
+            (evaluation), False runs ``n_steps`` more iterations and stores
+            them; None defers to the constructor, then ``environ['fit']``,
+            else trains. WeightNorm accepts and ignores it.
+        **kwargs : Any
+            Keyword arguments of the wrapped layer's call.
 
         Returns
         -------
-        The wrapped layer's output.
+        Any
+            The wrapped layer's output, computed with the normalized weight.
         """
         weight, writes = self._weight(use_running_average)
         with self._weight_in_layer(weight):
@@ -158,6 +167,10 @@ class _WeightWrapper(brainstate.nn.Module):
         for state, value in writes:
             state.value = value
         return output
+
+    if TYPE_CHECKING:  # brainstate's Module.__call__ (untyped) forwards to update: its types, for checkers
+
+        def __call__(self, *args: Any, use_running_average: bool | None = None, **kwargs: Any) -> Any: ...
 
 
 class WeightNorm(_WeightWrapper):
@@ -180,7 +193,8 @@ class WeightNorm(_WeightWrapper):
     no trainable entry (a layer without bias, or a weight held in its own
     ``ParamState``) becomes a non-trainable ``brainstate.State``. The wrapped
     layer is meant to be called through the wrapper, which puts the
-    normalized weight in the slot for each call.
+    normalized weight in the slot for each call: ``wrapper(x, ...)`` takes
+    the wrapped layer's own arguments (see :meth:`update`).
 
     Parameters
     ----------
@@ -188,13 +202,16 @@ class WeightNorm(_WeightWrapper):
         A layer whose weight lives in a ParamState: ``brainstate.nn.Linear``
         (weight ``(in, out)``), ``Conv1d/2d/3d`` (kernel ``(*k, in, out)``), ...
     weight_name : str
-        Entry of ``layer.weight.value`` (or ParamState attribute) to reparametrize.
-    axis : int
+        Entry of ``layer.weight.value`` (or name of a ParamState attribute of
+        the layer) to reparametrize. Default ``'weight'``.
+    axis : int or sequence of int
         Output axis of the weight, kept by the norm (brainstate's layout: -1,
-        the counterpart of PyTorch's ``dim=0``).
+        the counterpart of PyTorch's ``dim=0``). Default ``-1``.
     epsilon : float
-        Lower bound of the norm (guards a zero ``v``).
+        Lower bound of the norm, which keeps a zero ``v`` finite. Default
+        1e-12.
     name : str, optional
+        Module name reported by brainstate.
 
     Attributes
     ----------
@@ -223,7 +240,18 @@ class WeightNorm(_WeightWrapper):
     ['bias']
     """
 
-    def __init__(self, layer, *, weight_name="weight", axis=-1, epsilon=1e-12, name=None):
+    g: brainstate.ParamState
+    v: brainstate.ParamState
+
+    def __init__(
+        self,
+        layer: brainstate.nn.Module,
+        *,
+        weight_name: str = "weight",
+        axis: int | Sequence[int] = -1,
+        epsilon: float = 1e-12,
+        name: str | None = None,
+    ) -> None:
         super().__init__(layer, weight_name, name=name)
         weight = jnp.asarray(self._stored_weight())
         self.axis = canonical_axes(self._owner, "axis", axis, weight.ndim)
@@ -269,27 +297,37 @@ class SpectralNorm(_RunningStatistics, _WeightWrapper):
     ``ShortTermState``\ s; evaluation uses the stored vectors and leaves them
     untouched. The mode follows the BatchNorm rules (``use_running_average=``,
     constructor, ``environ['fit']``, training). :math:`\sigma` is bounded
-    below by ``epsilon``, so an all-zero weight stays finite.
+    below by ``epsilon``, so an all-zero weight stays finite. Call the
+    wrapper as ``wrapper(x, ..., use_running_average=None)`` with the wrapped
+    layer's own arguments (see :meth:`update`).
 
     Parameters
     ----------
     layer : brainstate.nn.Module
         Layer whose weight lives in a ParamState (``Linear``, ``Conv1d/2d/3d``).
     weight_name : str
+        Entry of ``layer.weight.value`` (or name of a ParamState attribute of
+        the layer) to normalize. Default ``'weight'``.
     n_steps : int
-        Power iterations per training call.
+        Power iterations per training call. Default 1.
     epsilon : float
-        Guards the normalization of ``u``, ``v`` and :math:`\sigma`.
+        Lower bound of the norms of ``u`` and ``v`` and of :math:`\sigma`.
+        Default 1e-12.
     axis : int
-        Output axis of the weight (rows of the matrix view).
+        Output axis of the weight, the rows of the matrix view. Default
+        ``-1``.
     use_running_average : bool, optional
-        Fixed mode (True: evaluation).
+        A fixed mode for every call: True evaluates (no iteration), False
+        trains. None: decided per call.
     name : str, optional
+        Module name reported by brainstate.
 
     Attributes
     ----------
-    u, v : brainstate.ShortTermState
-        Power-iteration vectors, shapes ``(out,)`` and ``(weight.size // out,)``.
+    u : brainstate.ShortTermState
+        Left power-iteration vector, shape ``(out,)``.
+    v : brainstate.ShortTermState
+        Right power-iteration vector, shape ``(weight.size // out,)``.
 
     References
     ----------
@@ -307,9 +345,20 @@ class SpectralNorm(_RunningStatistics, _WeightWrapper):
     True
     """
 
+    u: brainstate.ShortTermState
+    v: brainstate.ShortTermState
+
     def __init__(
-        self, layer, *, weight_name="weight", n_steps=1, epsilon=1e-12, axis=-1, use_running_average=None, name=None
-    ):
+        self,
+        layer: brainstate.nn.Module,
+        *,
+        weight_name: str = "weight",
+        n_steps: int = 1,
+        epsilon: float = 1e-12,
+        axis: int = -1,
+        use_running_average: bool | None = None,
+        name: str | None = None,
+    ) -> None:
         super().__init__(layer, weight_name, name=name)
         weight = jnp.asarray(self._stored_weight())
         if weight.ndim < 2:

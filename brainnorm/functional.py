@@ -18,12 +18,26 @@ output equals the bias) with finite gradients.
 from __future__ import annotations
 
 import math
+from typing import Any, overload
 
 import jax.numpy as jnp
 import numpy as np
 
 from . import _stats, _units
 from ._stats import Moments, Reduction, apply_moments, default_epsilon, output_dtype, stats_dtype
+from ._typing import (
+    Array,
+    ArrayLike,
+    Axes,
+    AxisIndexGroups,
+    AxisName,
+    DTypeLike,
+    Epsilon,
+    Input,
+    Momentum,
+    Output,
+    Value,
+)
 from ._validation import (
     canonical_axes,
     check_axis_name,
@@ -127,16 +141,16 @@ def _with_unit(mean, var, unit):
 
 
 def moments(
-    x,
-    axes,
+    x: Input,
+    axes: Axes,
     *,
-    mask=None,
+    mask: ArrayLike | None = None,
     use_mean: bool = True,
     use_fast_variance: bool = False,
-    axis_name=None,
-    axis_index_groups=None,
-    dtype=None,
-):
+    axis_name: AxisName | None = None,
+    axis_index_groups: AxisIndexGroups | None = None,
+    dtype: DTypeLike | None = None,
+) -> tuple[Output, Output]:
     r"""Mean and variance of ``x`` over ``axes``.
 
     .. math::
@@ -197,7 +211,7 @@ def moments(
     stats = _stats.compute_moments(
         x_m,
         axes,
-        mask=mask,
+        mask=mask,  # type: ignore[arg-type]  # validated by _prepare: an array or None
         use_mean=use_mean,
         use_fast_variance=use_fast_variance,
         axis_name=axis_name,
@@ -208,7 +222,16 @@ def moments(
     return _units.attach(stats.mean, unit), _units.attach(stats.var, var_unit)
 
 
-def normalize(x, mean, var, *, scale=None, bias=None, epsilon=1e-6, dtype=None):
+def normalize(
+    x: Input,
+    mean: Value,
+    var: Value,
+    *,
+    scale: Value | None = None,
+    bias: Value | None = None,
+    epsilon: Epsilon = 1e-6,
+    dtype: DTypeLike | None = None,
+) -> Array:
     r"""Normalize with given statistics.
 
     .. math:: y = \frac{x - \mu}{\sqrt{\sigma^2 + \epsilon}} \gamma + \beta
@@ -250,18 +273,18 @@ def normalize(x, mean, var, *, scale=None, bias=None, epsilon=1e-6, dtype=None):
 
 
 def layer_norm(
-    x,
-    scale=None,
-    bias=None,
+    x: Input,
+    scale: Value | None = None,
+    bias: Value | None = None,
     *,
-    reduction_axes=-1,
-    epsilon=1e-6,
-    mask=None,
+    reduction_axes: Axes = -1,
+    epsilon: Epsilon | None = 1e-6,
+    mask: ArrayLike | None = None,
     use_fast_variance: bool = False,
-    axis_name=None,
-    axis_index_groups=None,
-    dtype=None,
-):
+    axis_name: AxisName | None = None,
+    axis_index_groups: AxisIndexGroups | None = None,
+    dtype: DTypeLike | None = None,
+) -> Array:
     r"""Layer normalization (Ba et al., 2016).
 
     .. math:: y = \frac{x - E[x]}{\sqrt{\mathrm{Var}[x] + \epsilon}} \gamma + \beta
@@ -320,16 +343,16 @@ def layer_norm(
 
 
 def rms_norm(
-    x,
-    scale=None,
+    x: Input,
+    scale: Value | None = None,
     *,
-    reduction_axes=-1,
-    epsilon=1e-6,
-    mask=None,
-    axis_name=None,
-    axis_index_groups=None,
-    dtype=None,
-):
+    reduction_axes: Axes = -1,
+    epsilon: Epsilon | None = 1e-6,
+    mask: ArrayLike | None = None,
+    axis_name: AxisName | None = None,
+    axis_index_groups: AxisIndexGroups | None = None,
+    dtype: DTypeLike | None = None,
+) -> Array:
     r"""Root-mean-square normalization (Zhang and Sennrich, 2019).
 
     .. math:: y = \frac{x}{\sqrt{E[|x|^2] + \epsilon}} \gamma
@@ -375,23 +398,23 @@ def rms_norm(
 
 
 def batch_norm(
-    x,
-    running_mean=None,
-    running_var=None,
-    scale=None,
-    bias=None,
+    x: Input,
+    running_mean: Value | None = None,
+    running_var: Value | None = None,
+    scale: Value | None = None,
+    bias: Value | None = None,
     *,
     training: bool,
-    feature_axes=-1,
-    momentum=0.99,
-    epsilon=1e-5,
-    mask=None,
+    feature_axes: Axes = -1,
+    momentum: Momentum = 0.99,
+    epsilon: Epsilon = 1e-5,
+    mask: ArrayLike | None = None,
     unbiased_running_var: bool = False,
-    axis_name=None,
-    axis_index_groups=None,
+    axis_name: AxisName | None = None,
+    axis_index_groups: AxisIndexGroups | None = None,
     use_fast_variance: bool = False,
-    dtype=None,
-):
+    dtype: DTypeLike | None = None,
+) -> tuple[Array, Any, Any]:
     r"""Batch normalization (Ioffe and Szegedy, 2015), returning new running statistics.
 
     Training: statistics over every axis but ``feature_axes``, then
@@ -538,26 +561,26 @@ def _batch_statistics(
 
 
 def batch_renorm(
-    x,
-    running_mean,
-    running_var,
-    scale=None,
-    bias=None,
+    x: Input,
+    running_mean: Value | None,
+    running_var: Value | None,
+    scale: Value | None = None,
+    bias: Value | None = None,
     *,
     training: bool,
-    r_max=3.0,
-    d_max=5.0,
-    renormalize=True,
-    feature_axes=-1,
-    momentum=0.99,
-    epsilon=1e-5,
-    mask=None,
+    r_max: float = 3.0,
+    d_max: float = 5.0,
+    renormalize: bool | ArrayLike = True,
+    feature_axes: Axes = -1,
+    momentum: Momentum = 0.99,
+    epsilon: Epsilon = 1e-5,
+    mask: ArrayLike | None = None,
     unbiased_running_var: bool = False,
-    axis_name=None,
-    axis_index_groups=None,
+    axis_name: AxisName | None = None,
+    axis_index_groups: AxisIndexGroups | None = None,
     use_fast_variance: bool = False,
-    dtype=None,
-):
+    dtype: DTypeLike | None = None,
+) -> tuple[Array, Any, Any]:
     r"""Batch renormalization (Ioffe, 2017), returning new running statistics.
 
     Training, with the batch statistics :math:`\mu_B, \sigma_B^2` (over every
@@ -653,7 +676,14 @@ def _check_bool_like(owner, option, value):
     raise TypeError(f"{owner}: {option} must be a bool or a boolean array, got {type(value).__name__} {value!r}.")
 
 
-def lp_normalize(x, p=2.0, *, axis=-1, epsilon=1e-12, mask=None):
+def lp_normalize(
+    x: Input,
+    p: float = 2.0,
+    *,
+    axis: Axes = -1,
+    epsilon: Epsilon = 1e-12,
+    mask: ArrayLike | None = None,
+) -> Output:
     r"""Lp normalization: ``x / max(||x||_p, epsilon)`` over ``axis``.
 
     Equal to ``torch.nn.functional.normalize(x, p, dim, eps)`` (L2 by default:
@@ -723,22 +753,22 @@ def _batch_and_channel_axes(owner, shape, batch_axes, feature_axis):
 
 
 def group_norm(
-    x,
-    num_groups,
-    scale=None,
-    bias=None,
+    x: Input,
+    num_groups: int | None,
+    scale: Value | None = None,
+    bias: Value | None = None,
     *,
-    feature_axis=-1,
-    reduction_axes=None,
-    epsilon=1e-6,
-    mask=None,
-    group_size=None,
-    batch_axes=0,
+    feature_axis: int = -1,
+    reduction_axes: Axes | None = None,
+    epsilon: Epsilon = 1e-6,
+    mask: ArrayLike | None = None,
+    group_size: int | None = None,
+    batch_axes: Axes = 0,
     use_fast_variance: bool = False,
-    axis_name=None,
-    axis_index_groups=None,
-    dtype=None,
-):
+    axis_name: AxisName | None = None,
+    axis_index_groups: AxisIndexGroups | None = None,
+    dtype: DTypeLike | None = None,
+) -> Array:
     r"""Group normalization (Wu and He, 2018).
 
     Channels along ``feature_axis`` are split into ``num_groups`` groups;
@@ -823,25 +853,69 @@ def group_norm(
     return _normalize(owner, x_m, unit, reduction, mask=mask, scale=scale, bias=bias, epsilon=epsilon, dtype=dtype)[0]
 
 
+@overload
 def instance_norm(
-    x,
-    scale=None,
-    bias=None,
+    x: Input,
+    scale: Value | None = None,
+    bias: Value | None = None,
     *,
-    feature_axis=-1,
-    epsilon=1e-5,
-    mask=None,
-    batch_axes=0,
-    running_mean=None,
-    running_var=None,
+    feature_axis: Axes = -1,
+    epsilon: Epsilon = 1e-5,
+    mask: ArrayLike | None = None,
+    batch_axes: Axes = 0,
+    running_mean: None = None,
+    running_var: None = None,
     training: bool = True,
-    momentum=0.99,
+    momentum: Momentum = 0.99,
     unbiased_running_var: bool = False,
-    axis_name=None,
-    axis_index_groups=None,
+    axis_name: AxisName | None = None,
+    axis_index_groups: AxisIndexGroups | None = None,
     use_fast_variance: bool = False,
-    dtype=None,
-):
+    dtype: DTypeLike | None = None,
+) -> Array: ...
+
+
+@overload
+def instance_norm(
+    x: Input,
+    scale: Value | None = None,
+    bias: Value | None = None,
+    *,
+    feature_axis: Axes = -1,
+    epsilon: Epsilon = 1e-5,
+    mask: ArrayLike | None = None,
+    batch_axes: Axes = 0,
+    running_mean: Value,
+    running_var: Value,
+    training: bool = True,
+    momentum: Momentum = 0.99,
+    unbiased_running_var: bool = False,
+    axis_name: AxisName | None = None,
+    axis_index_groups: AxisIndexGroups | None = None,
+    use_fast_variance: bool = False,
+    dtype: DTypeLike | None = None,
+) -> tuple[Array, Any, Any]: ...
+
+
+def instance_norm(
+    x: Input,
+    scale: Value | None = None,
+    bias: Value | None = None,
+    *,
+    feature_axis: Axes = -1,
+    epsilon: Epsilon = 1e-5,
+    mask: ArrayLike | None = None,
+    batch_axes: Axes = 0,
+    running_mean: Value | None = None,
+    running_var: Value | None = None,
+    training: bool = True,
+    momentum: Momentum = 0.99,
+    unbiased_running_var: bool = False,
+    axis_name: AxisName | None = None,
+    axis_index_groups: AxisIndexGroups | None = None,
+    use_fast_variance: bool = False,
+    dtype: DTypeLike | None = None,
+) -> Any:
     r"""Instance normalization (Ulyanov et al., 2016).
 
     .. math:: y = \frac{x - E_{s,c}[x]}{\sqrt{\mathrm{Var}_{s,c}[x] + \epsilon}}\gamma + \beta
@@ -931,7 +1005,17 @@ def instance_norm(
     return (y,) + _with_unit(mean, var, stats_unit)
 
 
-def local_response_norm(x, size: int, *, alpha=1e-4, beta=0.75, k=1.0, feature_axis=-1, mask=None, dtype=None):
+def local_response_norm(
+    x: Input,
+    size: int,
+    *,
+    alpha: float = 1e-4,
+    beta: float = 0.75,
+    k: float = 1.0,
+    feature_axis: int = -1,
+    mask: ArrayLike | None = None,
+    dtype: DTypeLike | None = None,
+) -> Output:
     r"""Local response normalization across channels (Krizhevsky et al., 2012).
 
     .. math::
@@ -998,7 +1082,12 @@ def local_response_norm(x, size: int, *, alpha=1e-4, beta=0.75, k=1.0, feature_a
     return _units.attach(y.astype(output_dtype(x_m.dtype, dtype)), unit)
 
 
-def weight_standardization(w, eps=1e-4, gain=None, out_axis=-1):
+def weight_standardization(
+    w: ArrayLike,
+    eps: float = 1e-4,
+    gain: ArrayLike | None = None,
+    out_axis: int = -1,
+) -> Array:
     r"""Scaled weight standardization (Qiao et al., 2019; Brock et al., 2021).
 
     .. math::
