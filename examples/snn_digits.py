@@ -364,8 +364,8 @@ def plot(results, out, title):
         color = band(ax_val, [r["val_acc"] for r in runs], name)
         test = [r["test_acc"] for r in runs]
         m, s = mean_std(test)
-        ax_test.bar(i, m, yerr=s, color=color, alpha=0.6, capsize=6)
-        ax_test.plot(np.full(len(test), i), test, "k.", zorder=3)
+        ax_test.errorbar(i, m, yerr=s, fmt="o", color=color, ms=9, capsize=8, label=name)
+        ax_test.plot(np.full(len(test), i + 0.15), test, "k.", zorder=3)
     ax_loss.set_yscale("log")
     ax_loss.set_xlabel("epoch")
     ax_loss.set_ylabel("training loss (cross-entropy)")
@@ -377,8 +377,9 @@ def plot(results, out, title):
     ax_test.set_xticks(range(len(names)), names)
     ax_test.set_ylabel("test accuracy of the selected epoch")
     ax_test.set_title("Test accuracy (mean +- std; dots: seeds)")
-    low = min(min(r["test_acc"] for r in runs) for runs in results.values())
-    ax_test.set_ylim(max(0.0, low - 0.05), 1.0)
+    every = [r["test_acc"] for runs in results.values() for r in runs]
+    ax_test.set_xlim(-0.5, len(names) - 0.5)
+    ax_test.set_ylim(max(0.0, min(every) - 0.02), min(1.0, max(every) + 0.02))
     for ax in (ax_loss, ax_val):
         ax.grid(True, alpha=0.3)
         ax.legend()
