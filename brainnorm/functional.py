@@ -603,20 +603,50 @@ def batch_renorm(
     Parameters
     ----------
     x : array_like or Quantity
-    running_mean, running_var : array_like or Quantity
-        As in :func:`batch_norm` (required: the correction is relative to them).
-    scale, bias : array_like or Quantity, optional
+        Input; every axis but ``feature_axes`` is reduced.
+    running_mean : array_like or Quantity
+        Running mean, one entry per statistic and broadcastable to ``x``
+        (required: the correction is relative to it).
+    running_var : array_like or Quantity
+        Running variance, same shape, in the squared unit.
+    scale : array_like or Quantity, optional
+        Gain :math:`\gamma`, broadcastable to ``x``.
+    bias : array_like or Quantity, optional
+        Offset :math:`\beta`, broadcastable to ``x``.
     training : bool
-    r_max, d_max : float
-        Limits of the correction: ``r_max >= 1``, ``d_max >= 0``.
+        Batch statistics with the correction, updating the running ones
+        (True), or the running statistics alone (False).
+    r_max : float
+        Largest scale correction, ``>= 1``: ``r`` in ``[1/r_max, r_max]``.
+    d_max : float
+        Largest shift correction, ``>= 0``: ``d`` in ``[-d_max, d_max]``.
     renormalize : bool or bool array
-        Apply the correction (False during a warm-up).
-    feature_axes, momentum, epsilon, mask, unbiased_running_var, axis_name, axis_index_groups, use_fast_variance, dtype
-        As in :func:`batch_norm`.
+        Apply the correction (False during a warm-up; may be traced).
+    feature_axes : int or sequence of int
+        Axes of ``x`` that are kept (channels).
+    momentum : float or array
+        Weight of the old running value, in [0, 1].
+    epsilon : float or Quantity
+        Positive constant added to the variances.
+    mask : array_like of bool, optional
+        Valid positions; a channel without one keeps its running statistics.
+    unbiased_running_var : bool
+        Fold the unbiased batch variance into the running variance (PyTorch).
+    axis_name : hashable, optional
+        Also reduce over this mapped axis, exactly.
+    axis_index_groups : sequence of sequences of int, optional
+        Reduce within these groups of the named axis.
+    use_fast_variance : bool
+        One-pass variance formula instead of the robust two-pass.
+    dtype : dtype, optional
+        Output dtype; default the input's floating dtype.
 
     Returns
     -------
-    (y, new_running_mean, new_running_var)
+    y : jax.Array
+        Same shape as ``x``.
+    new_running_mean, new_running_var : jax.Array or Quantity
+        Updated running statistics (the given ones in evaluation).
 
     References
     ----------

@@ -158,3 +158,14 @@ assert_type(F.lp_normalize(v, 2.0, axis=-1), jax.Array | u.Quantity)
 assert_type(brainnorm.weight_standardization(jnp.ones((3, 3, 4, 8))), jax.Array)
 assert_type(F.weight_standardization(jnp.ones((3, 3, 4, 8)), eps=1e-4, gain=None, out_axis=-1), jax.Array)
 info = brainnorm.backend_info()
+
+# --- state access as the guides and tutorials write it (guides/masks.rst, tutorials/quickstart.md) ----------
+ln_state = brainnorm.LayerNorm(3)
+ln_state.weight.value = {"scale": jnp.ones((3,)), "bias": jnp.full((3,), 0.5)}
+bn_state = brainnorm.BatchNorm0d(16)
+first_channels = bn_state.running_mean.value[:4]
+restored = bool(jnp.array_equal(bn_state.running_var.value, bn_state.running_var.value))
+trainable = bn_state.states(brainstate.ParamState)
+groups = brainnorm.GroupNorm((5, 6), num_groups=None, group_size=3).num_groups
+tebn_p = tebn.p.value
+unit_of_mean = brainnorm.BatchNorm1d((4, 3), unit=u.mV).running_mean.value
