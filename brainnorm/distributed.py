@@ -40,9 +40,11 @@ The launcher's exit status is 0 when every child exits with 0; the status of
 the first child that failed otherwise (1 if it was killed by a signal); 124
 when the time limit is reached; 130 when the launcher is interrupted
 (Ctrl-C or SIGTERM); 2 for bad arguments. Stopping means SIGTERM
-to each child's process group, then SIGKILL to the groups still alive after
-a grace period; the launcher waits for every child before it exits, so no
-process is left behind.
+to each child's process group, then SIGKILL to the groups still alive 3
+seconds later (a JAX process initialized for several processes catches
+SIGTERM, for its preemption notice, and goes on: it ends with the SIGKILL);
+the launcher waits for every child before it exits, so no process is left
+behind.
 
 This module is a submodule (``import brainnorm.distributed``), not part of
 ``brainnorm``'s top-level namespace; it uses the standard library only,
@@ -86,7 +88,7 @@ COORDINATOR_ADDRESS = "JAX_COORDINATOR_ADDRESS"
 
 #: Exit status of the launcher when the time limit is reached (that of coreutils' ``timeout``).
 TIMEOUT_STATUS = 124
-_GRACE_SECONDS = 5.0  # between SIGTERM and SIGKILL
+_GRACE_SECONDS = 3.0  # between SIGTERM and SIGKILL
 _TAIL_LINES = 40  # lines of a child's output kept to report its error
 
 
@@ -408,7 +410,8 @@ def launch(
         Where the prefixed output and the launcher's messages go (default
         ``sys.stdout``).
     grace : float
-        Seconds between SIGTERM and SIGKILL when stopping the children.
+        Seconds between SIGTERM and SIGKILL when stopping the children
+        (default 3).
 
     Returns
     -------
@@ -418,7 +421,7 @@ def launch(
     ------
     TypeError, ValueError
         Bad ``command``, ``num_processes``, ``devices_per_process``,
-        ``timeout`` or ``port``.
+        ``timeout``, ``port`` or ``grace``.
     """
     owner = "brainnorm.distributed.launch"
     if isinstance(command, str) or not command or not all(isinstance(c, str) for c in command):
@@ -430,6 +433,8 @@ def launch(
         raise ValueError(f"{owner}: timeout must be a positive number of seconds or None, got {timeout!r}.")
     if port is not None and (isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536):
         raise ValueError(f"{owner}: port must be an int in 1..65535 or None, got {port!r}.")
+    if isinstance(grace, bool) or not isinstance(grace, (int, float)) or not grace >= 0:
+        raise ValueError(f"{owner}: grace must be a non-negative number of seconds, got {grace!r}.")
     out = sys.stdout if out is None else out
     port = free_port() if port is None else port
     base = os.environ if env is None else env

@@ -383,6 +383,7 @@ def test_launch_reports_the_first_failure_with_its_traceback():
         (dict(command=["python"], devices_per_process=0), ValueError),
         (dict(command=["python"], timeout=-1), ValueError),
         (dict(command=["python"], port=70000), ValueError),
+        (dict(command=["python"], grace=-1.0), ValueError),
     ],
 )
 def test_launch_rejects_bad_arguments(kwargs, error):
