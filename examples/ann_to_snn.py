@@ -46,6 +46,7 @@ import argparse
 import json
 import os
 import time
+from functools import partial
 
 import matplotlib
 
@@ -169,21 +170,29 @@ def simulate(layers, x, num_steps):
 
     Returns the cumulative output spike counts after every step, ``(num_steps, B, n_out)``.
     """
-    weights = [(layer.weight.value["weight"], layer.weight.value.get("bias", 0.0)) for layer in layers]
+    weights = [layer.weight.value["weight"] for layer in layers]
+    biases = [
+        layer.weight.value.get("bias", jnp.zeros(w.shape[-1], w.dtype))
+        for layer, w in zip(layers, weights, strict=True)
+    ]
+    return _simulate(weights, biases, x, num_steps)
 
+
+@partial(jax.jit, static_argnums=3)  # the weights are arguments: one compilation for every normalization
+def _simulate(weights, biases, x, num_steps):
     def step(carry, _):
         potentials, counts = carry
         spikes = x  # constant input current
         new_potentials = []
-        for (w, b), v in zip(weights, potentials, strict=True):
+        for w, b, v in zip(weights, biases, potentials, strict=True):
             v = v + spikes @ w + b
             spikes = (v >= 1.0).astype(v.dtype)
             new_potentials.append(v - spikes)  # reset by subtraction
         counts = counts + spikes
         return (new_potentials, counts), counts
 
-    potentials = [jnp.zeros((x.shape[0], w.shape[1]), x.dtype) for w, _ in weights]
-    counts = jnp.zeros((x.shape[0], weights[-1][0].shape[1]), x.dtype)
+    potentials = [jnp.zeros((x.shape[0], w.shape[1]), x.dtype) for w in weights]
+    counts = jnp.zeros((x.shape[0], weights[-1].shape[1]), x.dtype)
     _, history = jax.lax.scan(step, (potentials, counts), None, length=num_steps)
     return history
 
