@@ -11,6 +11,12 @@ import pytest
 # installed. With BRAINNORM_REQUIRE_PEERS=1 (set by .ci/run) a missing peer is
 # an error instead: a skip would hide that the comparison never ran.
 REQUIRE_PEERS_ENV = "BRAINNORM_REQUIRE_PEERS"
+# brainnorm warns at import about every BRAINNORM_* variable it does not read (and lists it in
+# backend_info()["ignored_environment"]); this one is the test suite's, not brainnorm's. It is moved, before
+# brainnorm is imported, to a name brainnorm does not look at; pytest-xdist's workers inherit the moved one.
+_MOVED_ENV = "PYTEST_BRAINNORM_REQUIRE_PEERS"
+if REQUIRE_PEERS_ENV in os.environ:
+    os.environ[_MOVED_ENV] = os.environ.pop(REQUIRE_PEERS_ENV)
 
 # what to install for each peer (the top-level module name)
 _INSTALL = {
@@ -28,7 +34,8 @@ _INSTALL = {
 
 def peers_required() -> bool:
     """True when a missing peer must fail the run (``BRAINNORM_REQUIRE_PEERS=1``)."""
-    return os.environ.get(REQUIRE_PEERS_ENV, "").strip() == "1"
+    value = os.environ.get(REQUIRE_PEERS_ENV, os.environ.get(_MOVED_ENV, ""))
+    return value.strip() == "1"
 
 
 def missing_peer_message(modname: str, error: BaseException | None = None) -> str:

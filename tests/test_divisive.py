@@ -32,6 +32,8 @@ from brainnorm import GDN, DivisiveNormalization, DynamicDivisiveNormalization
 from brainnorm._divisive_functional import divisive_normalization_terms
 from brainnorm.functional import divisive_normalization, gdn
 
+from ._compressai import load_compressai_gdn
+
 ROOT = Path(__file__).resolve().parents[1]
 RTOL = 2e-5  # float32 computation against a float64 reference
 PEDESTAL = (2.0**-18) ** 2
@@ -203,8 +205,9 @@ def test_gdn_matches_compressai_forward_restated(rng, inverse):
     assert_close(jit_call(first, x_nchw), expected)
 
 
-def test_gdn_matches_compressai_when_installed(rng):
-    layers = pytest.importorskip("compressai.layers")
+def test_gdn_matches_compressai(rng):
+    # compressai/layers/gdn.py alone: the package's __init__ needs torchvision (see tests/_compressai.py)
+    layers = load_compressai_gdn()
     torch = pytest.importorskip("torch")
     for inverse in (False, True):
         module = layers.GDN(4, inverse=inverse)
@@ -218,6 +221,12 @@ def test_gdn_matches_compressai_when_installed(rng):
         layer.weight.value = {"beta": jnp.asarray(module.beta.detach().numpy()),
                               "gamma": jnp.asarray(module.gamma.detach().numpy())}
         assert_close(layer(x), expected, rtol=1e-5)
+        # the input gradient of sum(y * c) too
+        c = rng.standard_normal(x.shape).astype(np.float32)
+        xt = torch.tensor(x, requires_grad=True)
+        (module(xt) * torch.from_numpy(c)).sum().backward()
+        dx = jax.grad(lambda v, layer=layer, c=c: jnp.sum(layer(v) * c))(jnp.asarray(x))
+        assert_close(dx, xt.grad.numpy(), rtol=1e-5)
         assert_close(expected, gdn_reference(x, raw_beta.astype(np.float32), raw_gamma.astype(np.float32),
                                              inverse=inverse), rtol=1e-5)
 
@@ -448,7 +457,8 @@ def test_example_quick(tmp_path):
     out = tmp_path / "divisive.png"
     env = dict(os.environ, MPLBACKEND="Agg", JAX_PLATFORMS="cpu")
     proc = subprocess.run([sys.executable, str(ROOT / "examples" / "divisive_normalization.py"), "--quick",
-                           "--out", str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False)
+                           "--out", str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+                          check=False)
     assert proc.returncode == 0, f"stdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-5000:]}"
     assert out.is_file() and out.stat().st_size > 0
     values = dict(re.findall(r"^(\S+)\s+measured\s+[-0-9.e+]+\s+closed form\s+[-0-9.e+]+\s+deviation\s+([-0-9.e+]+)",
