@@ -34,6 +34,7 @@ import brainunit as u
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.core import Tracer
 
 from . import _units
 from ._validation import check_real
@@ -79,7 +80,7 @@ def _check_percentile(owner: str, percentile: Any) -> float:
 def _scale(owner: str, index: int, activations: Any, percentile: float):
     """``lam`` of one layer: the ``percentile``-th percentile of ``activations`` (float64 on the host)."""
     what = f"activations[{index}]"
-    if isinstance(activations, jax.core.Tracer) or isinstance(getattr(activations, "mantissa", None), jax.core.Tracer):
+    if isinstance(activations, Tracer) or isinstance(getattr(activations, "mantissa", None), Tracer):
         raise TypeError(
             f"{owner}: {what} must hold concrete values (the scales are computed on the host), got a traced "
             f"array: call {owner} outside jit/vmap/grad."
