@@ -270,7 +270,7 @@ def train_with_params(name):
     factory, kwargs, shape, units = ROUND_TRIP[name]
     layer = factory()
     rng = np.random.default_rng(11)
-    for path, state in layer.states(brainstate.ParamState).items():
+    for state in layer.states(brainstate.ParamState).values():
         state.value = jax.tree_util.tree_map(
             lambda v: jnp.asarray(rng.uniform(0.5, 1.5, np.shape(v)), jnp.asarray(v).dtype), state.value)
     for seed in (1, 2, 3):
@@ -334,9 +334,21 @@ def _brainstate_modules_pickle():
 
 @pytest.mark.parametrize("name", ["BatchNorm1d", "LayerNorm", "BNTT-multi"])
 def test_pickled_layer_round_trip(name):
-    reason = _brainstate_modules_pickle()
-    if reason is not None:
-        pytest.skip(f"brainstate modules with states cannot be pickled ({reason}); state values are pickled instead")
+    """A layer that pickles restores exactly; where it does not, the cause is brainstate's, never brainnorm's.
+
+    On brainstate 0.5.4 no module with states pickles (a State holds weak references, and brainstate's
+    initializers are not importable under the name they report), so ``pickle.dumps(layer)`` must fail there
+    on a brainstate object or a weak reference; the supported path, the state values, is tested above.
+    """
     layer, factory, kwargs, shape, units = train_with_params(name)
-    restored = pickle.loads(pickle.dumps(layer))
+    reason = _brainstate_modules_pickle()
+    try:
+        blob = pickle.dumps(layer)
+    except Exception as exc:
+        assert reason is not None, f"brainstate modules pickle, but {name} does not: {type(exc).__name__}: {exc}"
+        message = f"{type(exc).__name__}: {exc}"
+        assert "brainstate" in message or "weakref" in message, f"{name} does not pickle because of {message}"
+        assert "brainnorm" not in message, message
+        return
+    restored = pickle.loads(blob)
     check_restored(layer, restored, kwargs, shape, units)

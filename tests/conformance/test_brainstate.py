@@ -340,14 +340,23 @@ def test_track_running_stats_false_brainnorm_normalizes(rng):
         assert bn.running_mean is None and bn.running_var is None
 
 
+# The defect tests below assert the peer's defect and brainnorm's correct value on the same input: each fails
+# if brainnorm is wrong, and also if a new brainstate no longer has the defect (then SPEC section 6 and these
+# tests are to be revised), instead of skipping.
+
+
 def test_brainstate_defect_track_running_stats_false_returns_input(rng):
     x = _bn_data(rng)
+    expected = R.normalize(x, (0, 1), eps=1e-5)
     peer = brainstate.nn.BatchNorm1d((4, 3), track_running_stats=False, affine=False)
+    ours = brainnorm.BatchNorm1d((4, 3), track_running_stats=False, affine=False)
     with brainstate.environ.context(fit=True):
-        y = np.asarray(peer(jnp.asarray(x)))
-    if not np.array_equal(y, x):
-        pytest.skip("this brainstate normalizes with track_running_stats=False (SPEC section 6, item 5)")
-    np.testing.assert_array_equal(y, x)
+        y_peer = np.asarray(peer(jnp.asarray(x)))
+        y_ours = np.asarray(ours(jnp.asarray(x)))
+    np.testing.assert_array_equal(y_peer, x)  # the defect: the input comes back unchanged
+    check("reference", "BatchNorm1d track_running_stats=False", "output (vs defect)", y_ours, expected,
+          atol=REF_ATOL)
+    assert not np.allclose(y_ours, x, atol=1e-2)
 
 
 def test_affine_without_tracking_brainnorm(rng):
@@ -361,21 +370,34 @@ def test_affine_without_tracking_brainnorm(rng):
     check("reference", "BatchNorm1d affine, no tracking", "output", y, expected, atol=REF_ATOL)
 
 
-def test_brainstate_defect_affine_requires_tracking():
-    try:
+def test_brainstate_defect_affine_requires_tracking(rng):
+    with pytest.raises(AssertionError):
         brainstate.nn.BatchNorm1d((4, 3), track_running_stats=False, affine=True)
-    except AssertionError:
-        return
-    pytest.skip("this brainstate accepts affine=True without running statistics (SPEC section 6, item 5)")
+    ours = brainnorm.BatchNorm1d((4, 3), track_running_stats=False, affine=True)
+    x = _bn_data(rng)
+    with brainstate.environ.context(fit=True):
+        y = np.asarray(ours(jnp.asarray(x)))
+    check("reference", "BatchNorm1d affine, no tracking", "output (vs defect)", y, R.normalize(x, (0, 1), eps=1e-5),
+          atol=REF_ATOL)
 
 
 def _without_fit():
-    if brainstate.environ.get("fit", None) is not None:
-        pytest.skip("environ['fit'] is set globally by another test; this test needs it unset")
+    """Remove a globally set environ['fit'] for this test (restored by the caller's finalizer)."""
+    if brainstate.environ.get("fit", None) is None:
+        return None
+    return brainstate.environ.pop("fit")
 
 
-def test_brainnorm_trains_without_fit(rng):
-    _without_fit()
+@pytest.fixture
+def no_fit():
+    saved = _without_fit()
+    assert brainstate.environ.get("fit", None) is None
+    yield
+    if saved is not None:
+        brainstate.environ.set(fit=saved)
+
+
+def test_brainnorm_trains_without_fit(rng, no_fit):
     x = _bn_data(rng)
     bn = brainnorm.BatchNorm1d((4, 3), momentum=0.9)
     y = np.asarray(bn(jnp.asarray(x)))
@@ -387,14 +409,14 @@ def test_brainnorm_trains_without_fit(rng):
     assert int(bn.num_batches_tracked.value) == 1
 
 
-def test_brainstate_defect_keyerror_without_fit(rng):
-    _without_fit()
+def test_brainstate_defect_keyerror_without_fit(rng, no_fit):
+    x = _bn_data(rng)
     peer = brainstate.nn.BatchNorm1d((4, 3), momentum=0.9)
-    try:
-        peer(jnp.asarray(_bn_data(rng)))
-    except KeyError:
-        return
-    pytest.skip("this brainstate runs BatchNorm without environ['fit'] (SPEC section 6, item 5)")
+    with pytest.raises(KeyError):
+        peer(jnp.asarray(x))
+    ours = brainnorm.BatchNorm1d((4, 3), momentum=0.9)
+    check("reference", "BatchNorm1d without fit", "output (vs defect)", np.asarray(ours(jnp.asarray(x))),
+          R.normalize(x, (0, 1), eps=1e-5), atol=REF_ATOL)
 
 
 def test_positive_axes_count_within_in_size(rng):
@@ -413,8 +435,10 @@ def test_brainstate_defect_positive_axes_follow_batch_rank(rng):
     peer = brainstate.nn.LayerNorm((6, 8), reduction_axes=1, feature_axes=-1, epsilon=1e-5, use_fast_variance=False)
     batched = np.asarray(peer(jnp.asarray(x)))[0]
     unbatched = np.asarray(peer(jnp.asarray(x[0])))
-    if np.allclose(batched, unbatched, atol=1e-4):
-        pytest.skip("this brainstate gives positive axes one meaning (SPEC section 6, item 5)")
+    assert not np.allclose(batched, unbatched, atol=1e-2)  # the defect: one call, two meanings of axis 1
+    ours = brainnorm.LayerNorm((6, 8), reduction_axes=1, feature_axes=1, epsilon=1e-5)
+    np.testing.assert_allclose(np.asarray(ours(jnp.asarray(x)))[0], np.asarray(ours(jnp.asarray(x[0]))),
+                               atol=ATOL)
     # Batched: axis 1 of x is the 6-axis; unbatched: axis 1 of x is the 8-axis.
     check(PEER, "LayerNorm positive axis (defect)", "batched", batched, R.normalize(x, 1, eps=1e-5)[0], atol=ATOL)
     check(PEER, "LayerNorm positive axis (defect)", "unbatched", unbatched, R.normalize(x[0], 1, eps=1e-5),
@@ -451,11 +475,15 @@ def test_empty_channel_brainnorm_keeps_running_stats(rng):
 def test_brainstate_defect_empty_channel_writes_nan(rng):
     x, mask = _empty_channel_case(rng)
     peer = brainstate.nn.BatchNorm1d((4, 3), momentum=0.9)
+    ours = brainnorm.BatchNorm1d((4, 3), momentum=0.9)
     with brainstate.environ.context(fit=True):
         peer(jnp.asarray(x), jnp.asarray(mask))
-    if np.isfinite(np.asarray(peer.running_mean.value)).all():
-        pytest.skip("this brainstate keeps the running statistics of an empty channel finite (SPEC 6, item 2)")
-    assert np.isnan(np.ravel(peer.running_mean.value)[1])
+        ours(jnp.asarray(x), jnp.asarray(mask))
+    assert np.isnan(np.ravel(peer.running_mean.value)[1])  # the defect
+    mean, _ = R.running_update(np.zeros(3), np.ones(3), x, (0, 1), 0.9, mask=mask)
+    check("reference", "BatchNorm1d empty channel", "running_mean (vs defect)", np.ravel(ours.running_mean.value),
+          mean, atol=REF_ATOL)
+    assert np.isfinite(np.asarray(ours.running_mean.value)).all()
 
 
 # SPEC section 6, item 4: brainstate GroupNorm refuses an in_size of rank > 1.
@@ -468,12 +496,13 @@ def test_group_norm_rank2_in_size_brainnorm(rng):
           R.group_normalize(x, 3, -1, (1, 2), eps=1e-5), atol=REF_ATOL)
 
 
-def test_brainstate_defect_group_norm_rank2_in_size():
-    try:
+def test_brainstate_defect_group_norm_rank2_in_size(rng):
+    with pytest.raises(AssertionError):
         brainstate.nn.GroupNorm((5, 6), -1, 3)
-    except AssertionError:
-        return
-    pytest.skip("this brainstate accepts a GroupNorm in_size of rank > 1 (SPEC section 6, item 4)")
+    x = sample(rng, (3, 5, 6), 0.5, 1.5)
+    check("reference", "GroupNorm in_size (T, C)", "output (vs defect)",
+          np.asarray(brainnorm.GroupNorm((5, 6), -1, 3, epsilon=1e-5)(jnp.asarray(x))),
+          R.group_normalize(x, 3, -1, (1, 2), eps=1e-5), atol=REF_ATOL)
 
 
 # Not in the SPEC list: brainstate BatchNorm with a feature axis other than
@@ -487,9 +516,7 @@ def test_brainstate_defect_channels_first_running_stats(rng):
     peer = brainstate.nn.BatchNorm1d((3, 6), 0, momentum=0.9)
     with brainstate.environ.context(fit=True):
         peer(jnp.asarray(x))
-    if peer.running_mean.value.shape == (3, 1):
-        pytest.skip("this brainstate keeps channels-first running statistics in shape (C, 1)")
-    assert peer.running_mean.value.shape == (3, 3)
+    assert peer.running_mean.value.shape == (3, 3)  # the defect: (C, 1) broadcast to (C, C)
     with brainstate.environ.context(fit=False), pytest.raises((TypeError, ValueError)):
         peer(jnp.asarray(x))
     ours = brainnorm.BatchNorm1d((3, 6), 0, momentum=0.9)

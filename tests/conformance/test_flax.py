@@ -39,7 +39,6 @@ nnx = pytest.importorskip("flax.nnx", reason="flax is needed for the flax.nnx co
 
 ATOL = 1e-5
 GRAD_TOL = 1e-4
-FAST_MASKED_ATOL = 1e-3  # one-pass variance on masked near-constant groups (see test_group_norm)
 REF_ATOL = 1e-5
 STEPS = 5
 LR = 0.01
@@ -78,7 +77,8 @@ def set_flax(model, name, value):
     param[...] = jnp.asarray(np.reshape(value, param[...].shape), jnp.float32)
 
 
-def compare(name, ours, peer, x, cot, mask, *, flax_kwargs=None, fit=None, param_attr="weight", atol=ATOL, grad_tol=GRAD_TOL):
+def compare(name, ours, peer, x, cot, mask, *, flax_kwargs=None, fit=None, param_attr="weight", atol=ATOL,
+            grad_tol=GRAD_TOL):
     """One forward/backward on both sides; returns the two gradient dicts."""
     y_f, dx_f, dp_f = flax_grads(peer, x, cot, mask, **(flax_kwargs or {}))
     if fit is None:
@@ -183,20 +183,20 @@ def test_group_norm(shape, groups, group_size, masked, fast, rng):
                                scale_init=scale, bias_init=bias)
     cot = sample(rng, shape, 0.0, 1.0)
     for step in range(2):
-        x = sample(rng, shape, 0.5 + step, 1.5)
+        # Both sides run the one-pass variance E[x^2] - E[x]^2 when fast. With an offset, masked groups of two
+        # channels with few valid elements lose the variance to cancellation (E[x]^2 >> var), and each side's
+        # rounding (which depends on the summation order: brainnorm sums per channel, then per group) shows
+        # in the output and, through rsqrt(var + 1e-5), in the gradients by a few percent: a comparison of
+        # rounding, not of the layers. Fast and masked, the data are centred, so that the one-pass variance
+        # is well conditioned and outputs and gradients are compared at the same ATOL and GRAD_TOL as every other
+        # case.
+        offset = 0.0 if (fast and masked) else 0.5 + step
+        x = sample(rng, shape, offset, 1.5)
         mask = None
         if masked:  # every (sample, group) keeps its first element
             mask = rng.random(shape) < 0.7
             mask[(slice(None),) + (0,) * (len(shape) - 2) + (slice(None),)] = True
-        # Both sides run the one-pass variance when fast: in masked groups of two channels with few
-        # valid elements the variance is near 0, and its rounding (which depends on the summation
-        # order: brainnorm sums per channel, then per group) shows at 1e-4 after rsqrt(var + 1e-5).
-        tolerance = FAST_MASKED_ATOL if (fast and masked) else ATOL
-        # Their gradients differentiate the same ill-conditioned formula there (through
-        # rsqrt(var + eps) with var near 0) and agree only to a few percent; the robust default
-        # keeps GRAD_TOL.
-        grad_tol = 0.1 if (fast and masked) else GRAD_TOL
-        dp, dp_f = compare("GroupNorm", ours, peer, x, cot, mask, atol=tolerance, grad_tol=grad_tol)
+        dp, dp_f = compare("GroupNorm", ours, peer, x, cot, mask, atol=ATOL, grad_tol=GRAD_TOL)
         sgd(ours, dp, LR)
         flax_sgd(peer, dp_f, LR)
 
