@@ -282,6 +282,18 @@ def print_table(results, args):
             f"{100 * r['folded_same_prediction']:.1f}% of test; {r['seconds']:.1f} s"
         )
     print()
+    # what the numbers say, computed from them: the gap at the largest T, and how soon each normalization
+    # is within 1 point of the ANN on every seed
+    for p in args.percentiles:
+        gaps = np.array([[r["snn"][str(p)][str(t)] - r["ann_acc"] for t in args.steps] for r in results])
+        within = [t for t, column in zip(args.steps, gaps.T, strict=True) if np.all(np.abs(column) <= 0.01)]
+        first = f"from T={within[0]} on" if within and all(t in within for t in args.steps if t >= within[0]) else ""
+        print(
+            f"{_label(p):>7s}: SNN - ANN at T={t_max}: {100 * gaps[:, -1].mean():+.2f} points on average "
+            f"(per seed {', '.join(f'{100 * g:+.2f}' for g in gaps[:, -1])}); within 1 point of the ANN on every "
+            f"seed {first or 'at ' + (', '.join(f'T={t}' for t in within) or 'no T')}"
+        )
+    print()
 
 
 def plot(results, args, out):
