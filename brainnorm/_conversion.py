@@ -260,7 +260,7 @@ def record_activations(
     *,
     percentile: float | None = None,
 ) -> list[Any]:
-    r"""Post-ReLU activations of each layer of the ReLU network ``relu(layer_L(... relu(layer_1(x))))``.
+    r"""Post-ReLU activations of each layer of the ReLU network ``relu(layer_L(...relu(layer_1(x))))``.
 
     Parameters
     ----------
