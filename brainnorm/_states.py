@@ -25,6 +25,16 @@ class NormalizationParamState(brainstate.ParamState):
 
     .. math:: \mathrm{execute}(x) = x \cdot \mathrm{scale} + \mathrm{bias}
 
+    Parameters
+    ----------
+    value : dict
+        ``{'scale': array, 'bias': array}``, either entry optional; the arrays
+        (or Quantities) have the layer's parameter shape.
+    name : str, optional
+        Name of the state, as for any ``brainstate.State``.
+    **metadata
+        Extra metadata stored with the state (brainstate's ``State`` keywords).
+
     Examples
     --------
     >>> import jax.numpy as jnp
