@@ -9,6 +9,9 @@ Equivalent mutants of that run (no test can kill them; they change no result):
   differ by rounding only.
 - ``_stats.py`` ``per_channel[0].shape[feature]`` -> ``per_channel[-1].shape[feature]``: every array
   of ``per_channel`` has the same shape (they are sums of arrays of one shape).
+- ``_stats.py`` (sums across ``axis_name``) ``... if not jnp.iscomplexobj(s2) else stacked[-1]`` ->
+  ``else stacked[-0]``: ``s2`` is a sum of ``|x - k|^2``, real for complex data too, so the ``else``
+  branch never runs. ``test_complex_moments_across_a_mapped_axis`` checks that path's results.
 """
 
 from __future__ import annotations
