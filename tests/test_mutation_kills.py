@@ -7,6 +7,9 @@ Equivalent mutants of that run (no test can kill them; they change no result):
   (``_sum_kept``'s reduction layout): the loop only chooses how the innermost reduced block is
   reshaped before it is summed; without it the same elements are summed in another order. Results
   differ by rounding only.
+- ``_stats.py`` ``... and start - 1 >= 1 and start - 1 in axes`` -> ``start - 0 >= 1`` (the same
+  layout loop, channels last): lets the merged block reach the leading axis, which the layout avoids for
+  sharded batches; the same elements are summed, in another order. Results differ by rounding only.
 - ``_stats.py`` ``per_channel[0].shape[feature]`` -> ``per_channel[-1].shape[feature]``: every array
   of ``per_channel`` has the same shape (they are sums of arrays of one shape).
 - ``_stats.py`` (sums across ``axis_name``) ``... if not jnp.iscomplexobj(s2) else stacked[-1]`` ->
@@ -123,3 +126,14 @@ def test_batch_renorm_bias_is_added(rng):
     without = F.batch_renorm(x, rm, rv, training=True)[0]
     with_bias = F.batch_renorm(x, rm, rv, None, bias, training=True)[0]
     np.testing.assert_allclose(np.asarray(with_bias - without), np.broadcast_to(bias, (6, 3)), atol=1e-6)
+
+
+@pytest.mark.parametrize("fast", [False, True], ids=["two-pass", "fast"])
+def test_masked_mean_square_without_mean(rng, fast):
+    """``use_mean=False`` (RMS statistics) with a mask: the second moment about 0 of the valid elements."""
+    x = rng.standard_normal((3, 5)).astype(np.float32) + 0.5
+    mask = rng.random((3, 5)) > 0.4
+    mask[:, 0] = True
+    _, second = F.moments(x, -1, mask=mask, use_mean=False, use_fast_variance=fast)
+    expected = np.sum(np.where(mask, x.astype(np.float64) ** 2, 0), axis=-1) / mask.sum(-1)
+    np.testing.assert_allclose(np.ravel(np.asarray(second)), expected, rtol=1e-5)
