@@ -137,3 +137,20 @@ def test_masked_mean_square_without_mean(rng, fast):
     _, second = F.moments(x, -1, mask=mask, use_mean=False, use_fast_variance=fast)
     expected = np.sum(np.where(mask, x.astype(np.float64) ** 2, 0), axis=-1) / mask.sum(-1)
     np.testing.assert_allclose(np.ravel(np.asarray(second)), expected, rtol=1e-5)
+
+
+def test_instance_norm_running_statistics_across_a_mapped_axis(rng):
+    """Instance-averaged running statistics over a batch split across ``axis_name`` equal the unsplit call's."""
+    x = (rng.standard_normal((4, 3, 2)) * np.array([1.0, 3.0]) + np.array([2.0, -1.0])).astype(np.float32)
+    rm, rv = jnp.zeros((1, 1, 2)), jnp.ones((1, 1, 2))
+
+    def call(v, **kw):
+        return F.instance_norm(v, running_mean=rm, running_var=rv, training=True, momentum=0.5, **kw)
+
+    _, mean, var = call(jnp.asarray(x))
+    split = jnp.asarray(x).reshape(2, 2, 3, 2)
+    _, mean_split, var_split = jax.vmap(lambda v: call(v, axis_name="d"), axis_name="d")(split)
+    np.testing.assert_allclose(np.asarray(mean_split)[0], np.asarray(mean), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(var_split)[0], np.asarray(var), rtol=1e-5, atol=1e-6)
+    # the average of the instances' means, moved half way from 0
+    np.testing.assert_allclose(np.ravel(mean), 0.5 * x.mean(axis=(0, 1)), rtol=1e-5, atol=1e-6)
