@@ -22,6 +22,10 @@ def canonical_in_size(owner: str, in_size) -> tuple[int, ...]:
     """Return ``in_size`` as a tuple of positive ints (an int means ``(int,)``)."""
     if isinstance(in_size, (numbers.Integral, np.integer)) and not isinstance(in_size, bool):
         in_size = (int(in_size),)
+    if isinstance(in_size, (str, bytes)):  # iterable, but not a shape: '' would pass as the empty shape
+        raise TypeError(
+            f"{owner}: in_size must be an int or a sequence of ints, got {type(in_size).__name__} {in_size!r}."
+        )
     try:
         dims = tuple(in_size)
     except TypeError:

@@ -108,6 +108,15 @@ def test_in_size_non_int_entry(name, bad):
         build(name, in_size)
 
 
+@pytest.mark.parametrize("bad", ["", "43", b""], ids=["empty_str", "str", "bytes"])
+@pytest.mark.parametrize("name", LAYERS)
+def test_in_size_string(name, bad):
+    # a string iterates, but is not a shape: '' used to pass as the empty shape and fail later
+    # with a message about reduction_axes
+    with pytest.raises(TypeError, match=named(name, "in_size")):
+        build(name, bad)
+
+
 @pytest.mark.parametrize("name", ["LayerNorm", "BatchNorm0d"])
 def test_in_size_not_a_sequence(name):
     with pytest.raises(TypeError, match=named(name, "in_size")):
