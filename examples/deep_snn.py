@@ -97,6 +97,7 @@ import jax
 import jax.numpy as jnp
 import matplotlib.pyplot as plt
 import numpy as np
+from _seeds import band, compare, mean_std, rule
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from tqdm import tqdm
@@ -372,22 +373,6 @@ def deploy(model, predictions, x_test):
 # --------------------------------------------------------------------------
 # reporting
 # --------------------------------------------------------------------------
-def mean_std(values, axis=None):
-    """Mean and sample standard deviation (``ddof=1``; 0 for a single value) over seeds."""
-    values = np.asarray(values, dtype=float)
-    n = values.shape[0] if axis == 0 else values.size
-    std = values.std(axis=axis, ddof=1) if n > 1 else np.zeros_like(values.mean(axis=axis))
-    return values.mean(axis=axis), std
-
-
-def compare(a, b):
-    """Per-seed differences ``a - b``: mean, std, and whether they exceed the seed spread."""
-    diffs = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
-    mean, std = (float(v) for v in mean_std(diffs))
-    clear = len(diffs) > 1 and (np.all(diffs > 0) or np.all(diffs < 0)) and abs(mean) > std
-    return mean, std, bool(clear)
-
-
 def print_table(results, seeds, depth, n_test):
     seed_cols = "".join(f"{f'seed {s}':>9s}" for s in seeds)
     header = (f"{'variant':<9s}{seed_cols}{'test acc mean +- std':>23s}{'val acc':>17s}"
@@ -435,16 +420,8 @@ def summarize(results):
                 mean, std, clear = compare([r["test_acc"] for r in runs], [r["test_acc"] for r in normalized[best]])
                 what = "lower on every seed" if clear else "within the seed spread"
                 lines.append(f"{name} vs {best}: {100 * mean:+.1f} +- {100 * std:.1f} points, {what}")
-    n = len(next(iter(results.values())))
-    lines.append(f"a gap counts only if all {n} seeds agree on its sign and its mean exceeds its std; with {n} "
-                 f"seeds that is a description of these runs, not a significance test")
+    lines.append(rule(len(next(iter(results.values())))))
     return lines
-
-
-def band(ax, x, curves, label, **kwargs):
-    mean, std = mean_std(curves, axis=0)
-    (line,) = ax.plot(x, mean, label=label, **kwargs)
-    ax.fill_between(x, mean - std, mean + std, color=line.get_color(), alpha=0.2)
 
 
 def plot(results, out, title):

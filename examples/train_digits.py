@@ -51,6 +51,7 @@ import jax
 import jax.numpy as jnp
 import matplotlib.pyplot as plt
 import numpy as np
+from _seeds import band, mean_std, summarize_against_none
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from tqdm import tqdm
@@ -209,20 +210,6 @@ class Trainer:
 # --------------------------------------------------------------------------
 # reporting
 # --------------------------------------------------------------------------
-def mean_std(values):
-    """Mean and sample standard deviation (``ddof=1``; 0 for a single value)."""
-    values = np.asarray(values, dtype=float)
-    return float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0
-
-
-def compare(a, b):
-    """Per-seed differences ``a - b``: mean, std, and whether they exceed the seed spread."""
-    diffs = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
-    mean, std = mean_std(diffs)
-    clear = len(diffs) > 1 and (np.all(diffs > 0) or np.all(diffs < 0)) and abs(mean) > std
-    return mean, std, bool(clear)
-
-
 def print_table(results, seeds, n_test):
     """Test accuracy per seed, mean +- std; validation accuracy and selected epoch."""
     seed_cols = "".join(f"{f'seed {s}':>9s}" for s in seeds)
@@ -241,41 +228,12 @@ def print_table(results, seeds, n_test):
           f"mean +- sample std (ddof=1) over seeds {' '.join(map(str, seeds))}; epoch: selected epoch (mean)")
 
 
-def summarize(results):
-    """Sentences that say only what the per-seed numbers support."""
-    lines = []
-    if "none" not in results:
-        return lines
-    base = [r["test_acc"] for r in results["none"]]
-    for name, runs in results.items():
-        if name == "none":
-            continue
-        mean, std, clear = compare([r["test_acc"] for r in runs], base)
-        verdict = (f"{'higher' if mean > 0 else 'lower'} than without normalization on every seed"
-                   if clear else "within the seed spread of no normalization")
-        lines.append(f"{name}: test accuracy {100 * mean:+.1f} +- {100 * std:.1f} points vs none "
-                     f"(per-seed differences, mean +- std): {verdict}")
-    n = len(base)
-    lines.append(f"a gap counts only if all {n} seeds agree on its sign and its mean exceeds its std; with {n} "
-                 f"seeds that is a description of these runs, not a significance test")
-    return lines
-
-
-def band(ax, curves, label):
-    curves = np.asarray(curves, dtype=float)  # (seeds, epochs)
-    epochs = np.arange(1, curves.shape[1] + 1)
-    mean = curves.mean(axis=0)
-    std = curves.std(axis=0, ddof=1) if len(curves) > 1 else np.zeros_like(mean)
-    (line,) = ax.plot(epochs, mean, label=label)
-    ax.fill_between(epochs, mean - std, mean + std, color=line.get_color(), alpha=0.2)
-    return line.get_color()
-
-
 def plot(results, out):
     fig, (ax_loss, ax_val, ax_test) = plt.subplots(1, 3, figsize=(14, 4))
     for i, (name, runs) in enumerate(results.items()):
-        band(ax_loss, [r["train_loss"] for r in runs], name)
-        color = band(ax_val, [r["val_acc"] for r in runs], name)
+        epochs = np.arange(1, len(runs[0]["train_loss"]) + 1)
+        band(ax_loss, epochs, [r["train_loss"] for r in runs], name)
+        color = band(ax_val, epochs, [r["val_acc"] for r in runs], name)
         test = [r["test_acc"] for r in runs]
         m, s = mean_std(test)
         ax_test.errorbar(i, m, yerr=s, fmt="o", color=color, ms=9, capsize=8, label=name)
@@ -345,7 +303,7 @@ def main(argv=None):
         trainer = Trainer(norm, data[0].shape[1], args)
         results[norm] = [trainer.run(seed, data) for seed in args.seeds]
     print_table(results, args.seeds, len(data[4]))
-    for line in summarize(results):
+    for line in summarize_against_none(results):
         print(line)
     plot(results, args.out)
     print(f"plot written to {args.out}")
